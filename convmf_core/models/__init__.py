@@ -1,0 +1,1 @@
+"""Recommenders with one API: ConvMF and its baselines (PMF by ALS, SGD matrix factorisation)."""

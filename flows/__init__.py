@@ -1,0 +1,1 @@
+"""Prefect flows composed from tasks: training, batch scoring and the nightly flow."""
