@@ -65,7 +65,11 @@ class IdMap:
         new = candidates[self._lookup().get_indexer(candidates) < 0]
         if len(new) == 0:
             return self
-        return IdMap(np.concatenate([self.raw_ids, new.astype(self.raw_ids.dtype, copy=False)]))
+        # Fixed-width strings (e.g. a map read back from a bundle) must widen, not truncate the new ids: cast to the
+        # kind ("U"/"S") only and let concatenate pick the wider width.
+        kind = self.raw_ids.dtype.kind
+        new = new.astype(kind) if kind in "US" else new.astype(self.raw_ids.dtype, copy=False)
+        return IdMap(np.concatenate([self.raw_ids, new]))
 
     def to_list(self) -> list:
         """Raw ids as plain Python values (for JSON)."""

@@ -140,7 +140,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is corrupt: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise BundleError(f"{directory} is not a {FORMAT_NAME} (format={manifest.get('format')!r})")
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{directory} is not a {FORMAT_NAME} (format={found!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise BundleError(f"{directory} has bundle format version {version!r}, newer than this library reads "

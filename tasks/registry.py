@@ -1,0 +1,520 @@
+"""MLflow model logging, registry aliases and champion/challenger promotion for ConvMF bundles.
+
+The served model is a pyfunc *logged from code* (``tasks/mlflow_model.py``): no Python object is pickled. The
+model bundle directory (:mod:`convmf_core.persistence`) travels as the artifact ``bundle``; the training
+ratings' (user, item) pairs, when given, travel as the artifact ``seen`` (``seen.parquet``, raw ids) so that
+top-N lists leave out what a user has already rated.
+
+Request shapes accepted by :class:`ConvMFPyfunc` (a pandas DataFrame, or the serving equivalent):
+
+* **top-N**: column ``user_id`` and optionally ``n`` (default 10, 1..1000) -> one row per recommendation,
+  columns ``user_id, rank, item_id, score`` (rank 1 = best). A user listed twice gets one list (the largest n).
+* **rating prediction**: columns ``user_id`` and ``item_id`` -> the request rows plus ``prediction``.
+
+The presence of an ``item_id`` column selects rating prediction. Ids may be ints or strings either way: they are
+converted to the type of the model's id maps (``"42"`` finds user 42; ``7`` finds user ``"7"``).
+
+Unknown ids (``params={"unknown_ids": "fallback"}``, the default): an unknown user is scored as the *average
+known user* (the mean of the user factor rows, bias column included), so its top-N list is the items with the
+highest mean predicted rating; an unknown item in a rating request is likewise the average item. With
+``params={"unknown_ids": "error"}`` any unknown id is refused instead. Malformed input (no ``user_id``, ids that
+cannot be converted, a bad ``n``) raises :class:`~mlflow.exceptions.MlflowException` with
+``INVALID_PARAMETER_VALUE``, which MLflow's scoring server turns into HTTP 400.
+
+The registry helpers assume one writer at a time per registered model (the pipeline's deployment runs with a
+concurrency limit of 1): reading the champion and moving the alias are two requests, not one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking import MlflowClient
+from mlflow.types import DataType
+from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+from packaging.version import Version
+
+from convmf_core.data import CSR, IdMap, Ratings
+from convmf_core.persistence import load_model, read_manifest
+from convmf_core.topn import top_n
+
+__all__ = [
+    "CHALLENGER_ALIAS",
+    "CHAMPION_ALIAS",
+    "ConvMFPyfunc",
+    "ModelVersionInfo",
+    "PromotionDecision",
+    "get_alias_version",
+    "load_champion",
+    "log_model_version",
+    "model_signature",
+    "pip_requirements",
+    "promote",
+    "rollback_champion",
+]
+
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
+DEFAULT_N = 10
+MAX_N = 1000
+UNKNOWN_IDS_MODES = ("fallback", "error")
+
+# Model-version tags written by promote() / rollback_champion().
+TAG_DECISION = "promotion.decision"
+TAG_REASON = "promotion.reason"
+TAG_PREVIOUS_CHAMPION = "promotion.previous_champion"
+TAG_TIME = "promotion.time"
+TAG_METRIC = "promotion.metric"
+
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_REQUIREMENT_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pyarrow")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The pyfunc
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _id_kind(id_map: IdMap) -> str:
+    """``"int"`` or ``"str"`` when every raw id of the map is of that type, else ``"mixed"``."""
+    kind = id_map.raw_ids.dtype.kind
+    if kind in "iu":
+        return "int"
+    if kind in "US" or all(isinstance(v, str) for v in id_map.raw_ids):
+        return "str"
+    return "mixed"
+
+
+def _coerce_ids(values: pd.Series, kind: str, column: str) -> np.ndarray:
+    """Request ids converted to the id map's type (``kind`` from :func:`_id_kind`); a mixed map takes them as is."""
+    if values.isna().any():
+        raise _bad_input(f"column '{column}' has missing values")
+    if pd.api.types.is_bool_dtype(values) or (
+            values.dtype == object and any(isinstance(v, (bool, np.bool_)) for v in values)):
+        raise _bad_input(f"column '{column}' holds booleans, not ids")
+    if kind == "mixed":
+        return np.asarray(values.to_numpy(), dtype=object)
+    if kind == "int":
+        if pd.api.types.is_integer_dtype(values):
+            return values.to_numpy(dtype=np.int64)
+        as_text = values if pd.api.types.is_float_dtype(values) else values.astype(str).str.strip()
+        numbers = pd.to_numeric(as_text, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(numbers) | (numbers != np.round(numbers))
+        if bad.any():
+            examples = values[bad].head(3).tolist()
+            raise _bad_input(f"column '{column}' must hold integer ids for this model, got e.g. {examples}")
+        return numbers.astype(np.int64)
+    if pd.api.types.is_float_dtype(values):
+        numbers = values.to_numpy(dtype=np.float64)
+        if (numbers != np.round(numbers)).any():
+            raise _bad_input(f"column '{column}' holds non-integral numbers, not ids")
+        values = pd.Series(numbers.astype(np.int64), index=values.index)
+    converted = [str(v) if isinstance(v, (int, np.integer)) else v for v in values]
+    if not all(isinstance(v, str) for v in converted):
+        bad = [v for v in converted if not isinstance(v, str)][:3]
+        raise _bad_input(f"column '{column}' must hold string or integer ids, got e.g. {bad}")
+    return np.asarray(converted, dtype=object)
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What the pyfunc needs at predict time: factor matrices with one extra "average" row each."""
+
+    user_map: IdMap
+    item_map: IdMap
+    users: torch.Tensor  # [n_users + 1, d]; the last row is the average user
+    items: torch.Tensor  # [n_items + 1, d]; the last row is the average item
+    offset: float
+    clip: tuple[float, float] | None
+    exclude: CSR | None  # rows: n_users + 1 (the average user excludes nothing)
+    user_kind: str  # "int", "str" or "mixed": how request ids are converted
+    item_kind: str
+
+    @classmethod
+    def load(cls, bundle_dir: Path, seen_path: Path | None) -> "_Scorer":
+        """Load the bundle (checksums verified, no unpickling) and the optional seen pairs."""
+        bundle = load_model(bundle_dir)
+        if bundle.user_map is None or bundle.item_map is None:
+            raise MlflowException(f"the model bundle {bundle_dir} has no id maps; save it with user_map and item_map")
+        factors = bundle.model.scoring_factors()
+        users = torch.cat([factors.user, factors.user.mean(dim=0, keepdim=True)])
+        items = torch.cat([factors.item, factors.item.mean(dim=0, keepdim=True)])
+        n_users, n_items = int(factors.user.shape[0]), int(factors.item.shape[0])
+        exclude = None
+        if seen_path is not None:
+            seen = pd.read_parquet(seen_path, columns=["user_id", "item_id"])
+            u = bundle.user_map.to_index(seen["user_id"].to_numpy(), unknown="minus_one")
+            i = bundle.item_map.to_index(seen["item_id"].to_numpy(), unknown="minus_one")
+            keep = (u >= 0) & (i >= 0)
+            exclude = Ratings(u[keep], i[keep], np.ones(int(keep.sum()), dtype=np.float32),
+                              n_users + 1, n_items).csr()
+        return cls(bundle.user_map, bundle.item_map, users, items, float(factors.offset), factors.clip, exclude,
+                   _id_kind(bundle.user_map), _id_kind(bundle.item_map))
+
+    def indices(self, values: pd.Series, column: str, unknown_ids: str) -> np.ndarray:
+        """Dense indices of the request's ``user_id`` or ``item_id`` values; unknown ids get the "average" row."""
+        id_map, kind = (self.user_map, self.user_kind) if column == "user_id" else (self.item_map, self.item_kind)
+        idx = id_map.to_index(_coerce_ids(values, kind, column), unknown="minus_one")
+        missing = idx < 0
+        if missing.any():
+            if unknown_ids == "error":
+                examples = values[missing].head(5).tolist()
+                raise _bad_input(f"{int(missing.sum())} unknown {column}(s), e.g. {examples}")
+            idx[missing] = len(id_map)
+        return idx
+
+    def rate(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Predicted ratings of (user, item) index pairs, as Recommender.predict computes them."""
+        u = torch.as_tensor(users, dtype=torch.int64)
+        i = torch.as_tensor(items, dtype=torch.int64)
+        pred = (self.users[u] * self.items[i]).sum(dim=1) + self.offset
+        if self.clip is not None:
+            pred = pred.clamp(*self.clip)
+        return pred.numpy().astype(np.float32)
+
+    def recommend(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` item indices and scores per user index (``-1`` / ``-inf`` padding), seen items excluded."""
+        result = top_n(self.users, self.items[:-1], users, n, offset=self.offset, exclude=self.exclude)
+        return result.items, result.scores
+
+
+class ConvMFPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc serving a ConvMF/PMF/SGDMF bundle on raw ids; see the module docstring for the request shapes."""
+
+    def __init__(self) -> None:
+        self._scorer: _Scorer | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the ``bundle`` artifact (and the optional ``seen`` artifact) once per process."""
+        seen = context.artifacts.get("seen")
+        self._scorer = _Scorer.load(Path(context.artifacts["bundle"]), Path(seen) if seen else None)
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext | None, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Top-N lists (no ``item_id`` column) or rating predictions (``user_id`` and ``item_id`` columns)."""
+        if self._scorer is None:
+            raise MlflowException("the model is not loaded: load it with mlflow.pyfunc.load_model")
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if not isinstance(model_input, pd.DataFrame):
+            raise _bad_input(f"expected a DataFrame with a 'user_id' column, got {type(model_input).__name__}")
+        if "user_id" not in model_input.columns:
+            raise _bad_input(f"the input needs a 'user_id' column; got columns {list(model_input.columns)}")
+        unknown_ids = (params or {}).get("unknown_ids") or "fallback"
+        if unknown_ids not in UNKNOWN_IDS_MODES:
+            raise _bad_input(f"params.unknown_ids must be one of {UNKNOWN_IDS_MODES}, got {unknown_ids!r}")
+        if "item_id" in model_input.columns:
+            return self._predict_ratings(model_input, unknown_ids)
+        return self._recommend(model_input, unknown_ids)
+
+    def _predict_ratings(self, frame: pd.DataFrame, unknown_ids: str) -> pd.DataFrame:
+        s = self._scorer
+        users = s.indices(frame["user_id"], "user_id", unknown_ids)
+        items = s.indices(frame["item_id"], "item_id", unknown_ids)
+        return pd.DataFrame({"user_id": _raw(s.user_map, users, frame["user_id"]),
+                             "item_id": _raw(s.item_map, items, frame["item_id"]),
+                             "prediction": s.rate(users, items)}, index=frame.index)
+
+    def _recommend(self, frame: pd.DataFrame, unknown_ids: str) -> pd.DataFrame:
+        s = self._scorer
+        n = _request_n(frame)
+        users = s.indices(frame["user_id"], "user_id", unknown_ids)
+        raw_users = _raw(s.user_map, users, frame["user_id"])
+        # One list per distinct request id (the largest n asked for it), in order of first appearance.
+        order = pd.DataFrame({"key": raw_users.to_numpy(dtype=object), "idx": users, "n": n})
+        per_user = order.groupby("key", sort=False).agg(idx=("idx", "first"), n=("n", "max"))
+        columns = {"user_id": pd.Series([], dtype=object), "rank": pd.Series([], dtype=np.int64),
+                   "item_id": pd.Series([], dtype=object), "score": pd.Series([], dtype=np.float32)}
+        if per_user.empty:
+            return pd.DataFrame(columns)
+        # np.array copies: pandas' copy-on-write hands out read-only arrays, which torch warns about.
+        items, scores = s.recommend(np.array(per_user["idx"], dtype=np.int64), int(per_user["n"].max()))
+        ranks = np.broadcast_to(np.arange(1, items.shape[1] + 1), items.shape)
+        keep = (items >= 0) & (ranks <= per_user["n"].to_numpy()[:, None])
+        row = np.broadcast_to(np.arange(len(per_user))[:, None], items.shape)[keep]
+        return pd.DataFrame({"user_id": pd.Series(per_user.index.to_numpy()[row], dtype=object).infer_objects(),
+                             "rank": ranks[keep].astype(np.int64),
+                             "item_id": s.item_map.to_raw(items[keep]),
+                             "score": scores[keep].astype(np.float32)})
+
+
+def _raw(id_map: IdMap, idx: np.ndarray, request: pd.Series) -> pd.Series:
+    """Canonical raw ids (the map's own values, so ``"42"`` comes back as 42); an unknown id keeps its request value."""
+    out = np.asarray(request.to_numpy(), dtype=object).copy()
+    known = idx < len(id_map)
+    out[known] = id_map.to_raw(idx[known])
+    return pd.Series(out, index=request.index, dtype=object).infer_objects()
+
+
+def _request_n(frame: pd.DataFrame) -> np.ndarray:
+    if "n" not in frame.columns:
+        return np.full(len(frame), DEFAULT_N, dtype=np.int64)
+    missing = pd.isna(frame["n"]).to_numpy()
+    n = pd.to_numeric(frame["n"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(n) & ~missing  # present but not a number
+    n = np.where(missing, DEFAULT_N, n)
+    bad |= (n != np.round(n)) | (n < 1) | (n > MAX_N)
+    if bad.any():
+        raise _bad_input(f"n must be an integer in 1..{MAX_N}, got e.g. {frame['n'][bad].head(3).tolist()}")
+    return n.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Logging and registration
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """A registered model version: ``model_uri`` is ``models:/<name>/<version>``."""
+
+    name: str
+    version: str
+    model_uri: str
+    logged_model_uri: str
+    run_id: str | None
+
+
+def model_signature() -> ModelSignature:
+    """The pyfunc's signature: ``user_id`` required; ``item_id`` and ``n`` optional; param ``unknown_ids``.
+
+    Ids are ``AnyType`` so that MLflow passes ints and strings through unchanged and the model converts them to its
+    id maps' type; ``n`` is a long, so MLflow refuses a non-integer ``n`` before the model sees it.
+    """
+    inputs = Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id", required=False),
+                     ColSpec(DataType.long, "n", required=False)])
+    outputs = Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id"),
+                      ColSpec(DataType.long, "rank", required=False), ColSpec(DataType.float, "score", required=False),
+                      ColSpec(DataType.float, "prediction", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs,
+                          params=ParamSchema([ParamSpec("unknown_ids", DataType.string, "fallback")]))
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of the serving dependencies, from the installed versions (local build tags such as +cpu dropped).
+
+    Giving them explicitly skips MLflow's requirement inference (5-8 s a model). The convmf-pipeline package itself
+    is not on a package index: the serving environment must have it installed (``--env-manager local``).
+    """
+    return [f"{name}=={Version(importlib_metadata.version(name)).public}" for name in _REQUIREMENT_PACKAGES]
+
+
+@contextlib.contextmanager
+def _run_context(run_id: str | None) -> Iterator[None]:
+    active = mlflow.active_run()
+    if run_id is None or (active is not None and active.info.run_id == run_id):
+        yield
+    elif active is None:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    else:
+        raise ValueError(f"run {active.info.run_id} is active; cannot log the model to run {run_id}")
+
+
+def log_model_version(bundle_dir: Path, *, model_name: str, run_id: str | None, tags: dict[str, str],
+                      input_example: pd.DataFrame | None = None, seen: pd.DataFrame | None = None) -> ModelVersionInfo:
+    """Log ``bundle_dir`` as a models-from-code pyfunc and register it as a new version of ``model_name``.
+
+    Logged within run ``run_id`` (or the active run when ``None``; with neither, MLflow 3 logs a model without a
+    run). ``seen`` (raw ``user_id``, ``item_id`` columns, usually the training ratings) is excluded from top-N
+    lists; when omitted, a ``seen.parquet`` inside ``bundle_dir`` is used if present. ``tags`` become model-version
+    tags (record the validation metric here, e.g. ``{"validation_rmse": "0.93"}``, for :func:`promote`).
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)  # fails early on a missing/corrupt bundle
+    with tempfile.TemporaryDirectory(prefix="convmf-seen-") as tmp:
+        artifacts = {"bundle": str(bundle_dir)}
+        if seen is not None:
+            missing = {"user_id", "item_id"} - set(seen.columns)
+            if missing:
+                raise ValueError(f"seen needs columns user_id and item_id; missing {sorted(missing)}")
+            path = Path(tmp) / "seen.parquet"
+            seen[["user_id", "item_id"]].to_parquet(path, index=False)
+            artifacts["seen"] = str(path)
+        elif (bundle_dir / "seen.parquet").is_file():
+            artifacts["seen"] = str(bundle_dir / "seen.parquet")
+        if input_example is None and (bundle_dir / "user_ids.parquet").is_file():  # two users of the bundle's map
+            first = pd.read_parquet(bundle_dir / "user_ids.parquet")["raw_id"].head(2).tolist()
+            input_example = pd.DataFrame({"user_id": first, "n": [DEFAULT_N] * len(first)})
+        with _run_context(run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(_MODEL_CODE), artifacts=artifacts,
+                                           signature=model_signature(), input_example=input_example,
+                                           pip_requirements=pip_requirements(), registered_model_name=model_name)
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    version_tags = {"convmf.model_class": str(manifest.get("model_class")),
+                    "convmf.library_version": str(manifest.get("library_version")), **tags}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    return ModelVersionInfo(model_name, version, f"models:/{model_name}/{version}", info.model_uri,
+                            info.run_id or None)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Aliases and promotion
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def get_alias_version(model_name: str, alias: str) -> ModelVersion | None:
+    """The version of ``model_name`` that ``alias`` points to, or ``None`` when the alias (or model) is not set."""
+    client = MlflowClient()
+    # Read the alias table rather than get_model_version_by_alias: a missing alias is INVALID_PARAMETER_VALUE in
+    # the SQL store, indistinguishable from a real error without matching the message.
+    try:
+        aliases = client.get_registered_model(model_name).aliases
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = aliases.get(alias)
+    return None if version is None else client.get_model_version(model_name, str(version))
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Outcome of :func:`promote`: ``markdown`` is a short report for a Prefect artifact."""
+
+    promoted: bool
+    reason: str
+    previous_version: str | None  # the champion before the decision
+    champion_version: str | None  # the champion after it
+    candidate_version: str
+    metric_name: str
+    candidate_value: float
+    champion_value: float | None
+    markdown: str
+
+
+def _recorded_metric(client: MlflowClient, version: ModelVersion, metric_name: str) -> float | None:
+    """A version's metric: its tag ``metric_name`` if set, else the metric of its source run, else ``None``."""
+    raw = version.tags.get(metric_name)
+    if raw is not None:
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    if version.run_id:
+        return client.get_run(version.run_id).data.metrics.get(metric_name)
+    return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def promote(model_name: str, version: str, metric_name: str, candidate_value: float, *,
+            higher_is_better: bool = False) -> PromotionDecision:
+    """Make ``version`` the champion if ``candidate_value`` is finite and strictly beats the champion's metric.
+
+    The champion's metric is its version tag ``metric_name`` (written here on every candidate) or its run's metric.
+    No champion yet, or one without a recorded metric: a finite candidate is promoted. Otherwise the version gets
+    the ``challenger`` alias. NaN or infinite values are never promoted. The decision, reason, previous champion
+    and time are written as model-version tags on ``version``.
+    """
+    client = MlflowClient()
+    version = str(version)
+    candidate = float(candidate_value)
+    client.get_model_version(model_name, version)  # fails clearly on an unknown version
+    client.set_model_version_tag(model_name, version, metric_name, repr(candidate))
+    current = get_alias_version(model_name, CHAMPION_ALIAS)
+    previous = str(current.version) if current is not None else None  # the SQL store returns an int
+    champion_value = _recorded_metric(client, current, metric_name) if current is not None else None
+    better = "higher" if higher_is_better else "lower"
+
+    if previous == version:
+        promoted, reason = False, f"version {version} is already the champion"
+    elif not math.isfinite(candidate):
+        promoted, reason = False, f"{metric_name} is {candidate}, not a finite number"
+    elif current is None:
+        promoted, reason = True, "no champion yet"
+    elif champion_value is None or not math.isfinite(champion_value):
+        promoted, reason = True, f"champion version {previous} has no finite {metric_name} recorded"
+    elif (candidate > champion_value) if higher_is_better else (candidate < champion_value):
+        promoted, reason = True, (f"{metric_name} {candidate:.4f} beats the champion's {champion_value:.4f} "
+                                  f"({better} is better)")
+    else:
+        promoted, reason = False, (f"{metric_name} {candidate:.4f} does not beat the champion's "
+                                   f"{champion_value:.4f} ({better} is better)")
+
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+        challenger = get_alias_version(model_name, CHALLENGER_ALIAS)
+        if challenger is not None and str(challenger.version) == version:
+            client.delete_registered_model_alias(model_name, CHALLENGER_ALIAS)
+        champion_after = version
+    else:
+        if previous != version:
+            client.set_registered_model_alias(model_name, CHALLENGER_ALIAS, version)
+        champion_after = previous
+    decision = CHAMPION_ALIAS if promoted or previous == version else CHALLENGER_ALIAS
+    for key, value in {TAG_DECISION: decision, TAG_REASON: reason, TAG_PREVIOUS_CHAMPION: previous or "",
+                       TAG_TIME: _now(), TAG_METRIC: metric_name}.items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+    verdict = "promoted to **champion**" if promoted else f"kept as **{decision}**"
+    markdown = "\n".join([
+        f"### Model `{model_name}` version {version}: {verdict}",
+        "",
+        f"| model | version | {metric_name} |",
+        "|---|---|---|",
+        f"| candidate | {version} | {_fmt(candidate)} |",
+        f"| champion before | {previous or 'none'} | {_fmt(champion_value)} |",
+        "",
+        f"Reason: {reason}. Champion now: version {champion_after or 'none'}.",
+    ])
+    return PromotionDecision(promoted, reason, previous, champion_after, version, metric_name, candidate,
+                             champion_value, markdown)
+
+
+def rollback_champion(model_name: str) -> str:
+    """Point ``champion`` back at the version it replaced (tag ``promotion.previous_champion``); returns it.
+
+    Raises :class:`ValueError` when there is no champion or it records no previous champion.
+    """
+    client = MlflowClient()
+    current = get_alias_version(model_name, CHAMPION_ALIAS)
+    if current is None:
+        raise ValueError(f"model {model_name!r} has no '{CHAMPION_ALIAS}' alias to roll back")
+    current_version = str(current.version)
+    previous = current.tags.get(TAG_PREVIOUS_CHAMPION, "")
+    if not previous:
+        raise ValueError(f"champion version {current_version} of {model_name!r} records no previous champion")
+    try:
+        client.get_model_version(model_name, previous)
+    except MlflowException as exc:
+        raise ValueError(f"previous champion version {previous} of {model_name!r} no longer exists") from exc
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, previous)
+    now = _now()
+    client.set_model_version_tag(model_name, current_version, TAG_DECISION, "rolled_back")
+    client.set_model_version_tag(model_name, current_version, TAG_REASON, f"rolled back to version {previous}")
+    client.set_model_version_tag(model_name, current_version, TAG_TIME, now)
+    client.set_model_version_tag(model_name, previous, "promotion.restored_time", now)
+    return previous
+
+
+def load_champion(model_name: str, alias: str = CHAMPION_ALIAS) -> mlflow.pyfunc.PyFuncModel:
+    """Load the pyfunc that ``alias`` of ``model_name`` points to (``models:/<name>@<alias>``)."""
+    return mlflow.pyfunc.load_model(f"models:/{model_name}@{alias}")

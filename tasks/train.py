@@ -1,0 +1,148 @@
+"""Prefect task: split the ratings, fit ConvMF (CUDA when present, CPU otherwise), save the model bundle.
+
+Per-iteration figures go to MLflow (``step=`` the outer iteration) and to the Prefect log as they happen; the
+learning curve is logged as an image artifact at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import get_run_logger, task
+
+from convmf_core.config import ConvMFConfig, config_to_dict
+from convmf_core.data import IdMap, Ratings, Split, cold_item_split, random_split, ratings_from_frame
+from convmf_core.ingest import write_parquet_atomic
+from convmf_core.models.base import IterationReport, resolve_device
+from convmf_core.models.convmf import ConvMF
+from convmf_core.persistence import save_model
+from tasks.ingest import IngestedData
+from tasks.tokenize import TokenizedData
+from tasks.tracking import RunRef
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How the ratings are split: the paper's random 80/10/10, optionally with a share of cold items held out."""
+
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    cold_item_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """Where a fitted model and its split live, and its headline figures."""
+
+    bundle_dir: Path
+    split_dir: Path
+    seen_path: Path
+    best_validation_rmse: float
+    best_iteration: int
+    iterations: int
+    fit_seconds: float
+    device: str
+
+
+def split_ratings(ratings: Ratings, spec: SplitSpec) -> tuple[Split, np.ndarray]:
+    """The split and the cold items (rated items with no training rating; empty for the paper's split)."""
+    fractions = (1.0 - spec.validation_fraction - spec.test_fraction, spec.validation_fraction, spec.test_fraction)
+    if spec.cold_item_fraction > 0:
+        return cold_item_split(ratings, spec.cold_item_fraction, fractions, seed=spec.seed)
+    return random_split(ratings, fractions, seed=spec.seed), np.zeros(0, dtype=np.int64)
+
+
+def write_split(split: Split, cold_items: np.ndarray, directory: Path) -> Path:
+    """train/validation/test as Parquet of dense indices (and the cold items), each file written atomically."""
+    for name, part in (("train", split.train), ("validation", split.validation), ("test", split.test)):
+        write_parquet_atomic(pd.DataFrame({"user": part.users, "item": part.items, "rating": part.values}),
+                             directory / f"{name}.parquet")
+    write_parquet_atomic(pd.DataFrame({"item": cold_items.astype(np.int64)}), directory / "cold_items.parquet")
+    return directory
+
+
+def read_split(directory: Path, n_users: int, n_items: int) -> tuple[Split, np.ndarray]:
+    """What :func:`write_split` wrote."""
+    parts = []
+    for name in ("train", "validation", "test"):
+        f = pd.read_parquet(directory / f"{name}.parquet")
+        parts.append(Ratings(f["user"].to_numpy(), f["item"].to_numpy(), f["rating"].to_numpy(), n_users, n_items))
+    cold = pd.read_parquet(directory / "cold_items.parquet")["item"].to_numpy()
+    return Split(*parts), cold
+
+
+def learning_curve_png(history: list[IterationReport], path: Path) -> Path:
+    """Plot train loss and validation RMSE per iteration to ``path`` (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    it = [h.iteration for h in history]
+    ax1.plot(it, [h.train_loss for h in history], marker="o")
+    ax1.set(title="train loss (per rating)", xlabel="iteration")
+    ax2.plot(it, [h.validation_rmse if h.validation_rmse is not None else np.nan for h in history], marker="o",
+             color="tab:orange")
+    ax2.set(title="validation RMSE", xlabel="iteration")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+@task(name="train")
+def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvMFConfig, split: SplitSpec,
+                 home: Path, run: RunRef) -> TrainedModel:
+    """Fit ConvMF on the ingested ratings and tokenized descriptions; save the bundle under ``home/models``."""
+    logger = get_run_logger()
+    device = resolve_device(config.device)
+    item_ids, documents, vocabulary = tokenized.load()
+    item_map = IdMap(np.asarray(item_ids, dtype=object))
+    ratings_frame = pd.read_parquet(ingested.ratings_path)
+    user_map = IdMap.from_values(ratings_frame["user_id"].astype(str).to_numpy(dtype=object))
+    ratings = ratings_from_frame(ratings_frame, user_map, item_map)
+    data_split, cold_items = split_ratings(ratings, split)
+    out = Path(home) / "models" / run.run_id
+    split_dir = write_split(data_split, cold_items, out / "split")
+    train = data_split.train
+    seen = pd.DataFrame({"user_id": user_map.to_raw(train.users), "item_id": item_map.to_raw(train.items)})
+    seen_path = write_parquet_atomic(seen, out / "seen.parquet")
+    run.log_params({**{f"als.{k}": v for k, v in config_to_dict(config.als).items()},
+                    **{f"cnn.{k}": v for k, v in config_to_dict(config.cnn).items()},
+                    "seed": config.seed, "device": str(device), "split.validation_fraction": split.validation_fraction,
+                    "split.test_fraction": split.test_fraction, "split.cold_item_fraction": split.cold_item_fraction,
+                    "split.seed": split.seed, "n_users": len(user_map), "n_items": len(item_map),
+                    "n_train": len(train), "n_validation": len(data_split.validation), "n_test": len(data_split.test)})
+    logger.info("training ConvMF on %s: %d users, %d items, %d/%d/%d ratings", device, len(user_map),
+                len(item_map), len(train), len(data_split.validation), len(data_split.test))
+
+    def report(r: IterationReport) -> None:
+        logger.info("iteration %d: train loss %.4f, validation RMSE %s, %.2f s", r.iteration, r.train_loss,
+                    "n/a" if r.validation_rmse is None else f"{r.validation_rmse:.4f}", r.seconds)
+        run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
+                         "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
+
+    t0 = time.perf_counter()
+    model = ConvMF(config).fit(train, data_split.validation, documents=documents, vocabulary_size=len(vocabulary),
+                               callback=report, checkpoint_path=out / "checkpoint.pt")
+    fit_seconds = time.perf_counter() - t0
+    best = min((h.validation_rmse for h in model.history_ if h.validation_rmse is not None), default=float("nan"))
+    bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
+                        metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
+                                  "mlflow_run_id": run.run_id, "best_validation_rmse": best})
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    run.log_metrics({"best_validation_rmse": best, "best_iteration": model.best_iteration_,
+                     "fit_seconds": fit_seconds, "iterations": len(model.history_)})
+    run.log_artifact(learning_curve_png(model.history_, out / "learning_curve.png"), "plots")
+    logger.info("fitted in %.1f s: best validation RMSE %.4f at iteration %d", fit_seconds, best,
+                model.best_iteration_)
+    return TrainedModel(bundle, split_dir, seen_path, best, model.best_iteration_, len(model.history_), fit_seconds,
+                        str(device))
