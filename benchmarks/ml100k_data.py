@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from convmf_core.config import TextConfig
-from convmf_core.data import IdMap, Ratings, Split, random_split, ratings_from_frame, split_given_test
+from convmf_core.data import IdMap, Ratings, Split, cold_item_split, random_split, ratings_from_frame, split_given_test
 from convmf_core.text import Documents, Vocabulary, build_vocabulary, encode_documents
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -23,6 +23,7 @@ class BenchmarkData:
     split: Split
     documents: Documents
     vocabulary: Vocabulary
+    cold_items: np.ndarray | None = None  # rated items with no training rating (cold-start setting only)
 
 
 def read_ml100k(directory: Path = DEFAULT_DIR) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -62,3 +63,15 @@ def u1_split(directory: Path = DEFAULT_DIR, seed: int = 0, text: TextConfig = Te
     split = split_given_test(base, test, validation_fraction=0.1, seed=seed)
     docs, vocab = _documents(items, item_map, item_map.raw_ids, text)
     return BenchmarkData("ml-100k u1.base/u1.test", split, docs, vocab)
+
+
+def cold_split(directory: Path = DEFAULT_DIR, seed: int = 0, text: TextConfig = TextConfig(),
+               cold_fraction: float = 0.1) -> BenchmarkData:
+    """(c) Cold start: as (a), but 10% of the items lose all their ratings to validation/test (scored from text)."""
+    ratings, items = read_ml100k(directory)
+    with_text = set(items.loc[items["text"].str.len() > 0, "item_id"])
+    ratings = ratings[ratings["item_id"].isin(with_text)]
+    user_map, item_map = IdMap.from_values(ratings["user_id"]), IdMap.from_values(ratings["item_id"])
+    split, cold = cold_item_split(ratings_from_frame(ratings, user_map, item_map), cold_fraction, seed=seed)
+    docs, vocab = _documents(items, item_map, item_map.raw_ids, text)
+    return BenchmarkData(f"ml-100k cold start ({cold_fraction:.0%} of items unseen)", split, docs, vocab, cold)

@@ -13,9 +13,6 @@ What this version gets right that public ones did not (../shared/notes/convmf-re
 
 from __future__ import annotations
 
-import math
-from typing import Iterator
-
 import numpy as np
 import torch
 from torch import nn

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, TextConfig
+from convmf_core.config import ConvMFConfig, TextConfig
 from convmf_core.ingest import IngestConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A Dask scheduler: tcp://host:port (or tls://, ws://, wss://, ucx://), or host:port.
+DASK_ADDRESS_PATTERN = r"^((tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$"
 
 
 class _Params(BaseModel):
@@ -79,45 +83,51 @@ class DataParams(_Params):
 class TextParams(_Params):
     """Text preprocessing (the paper's defaults)."""
 
-    max_length: int = Field(300, ge=1, le=5_000)
-    max_df: float = Field(0.5, gt=0.0, le=1.0)
-    vocab_size: int = Field(8000, ge=1, le=200_000)
+    max_length: int = Field(TextConfig().max_length, ge=1, le=5_000)
+    max_df: float = Field(TextConfig().max_df, gt=0.0, le=1.0)
+    vocab_size: int = Field(TextConfig().vocab_size, ge=1, le=200_000)
 
     def config(self) -> TextConfig:
         """As the library's :class:`TextConfig`."""
         return TextConfig(max_length=self.max_length, max_df=self.max_df, vocab_size=self.vocab_size)
 
 
-class ModelParams(_Params):
-    """ConvMF hyperparameters (defaults chosen on ML-100K validation; see README)."""
+_LIBRARY = ConvMFConfig()  # the library's defaults (chosen on ML-100K validation), the one place they live
 
-    n_factors: int = Field(10, ge=1, le=512)
-    lambda_u: float = Field(10.0, gt=0)
-    lambda_v: float = Field(10.0, gt=0)
-    use_bias: bool = True
-    item_weighting: bool = False
-    max_iterations: int = Field(30, ge=1, le=500)
-    patience: int = Field(3, ge=1, le=50)
-    cnn_epochs_per_iteration: int = Field(2, ge=1, le=50)
-    embedding_dim: int = Field(200, ge=2, le=1024)
-    n_filters: int = Field(100, ge=1, le=1024)
-    hidden_dim: int = Field(200, ge=1, le=2048)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    batch_size: int = Field(128, ge=1, le=8192)
-    learning_rate: float = Field(1e-3, gt=0, le=1.0)
-    seed: int = 0
+
+class ModelParams(_Params):
+    """ConvMF hyperparameters; defaults are the library's (:class:`convmf_core.config.ConvMFConfig`)."""
+
+    n_factors: int = Field(_LIBRARY.als.n_factors, ge=1, le=512)
+    lambda_u: float = Field(_LIBRARY.als.lambda_u, gt=0)
+    lambda_v: float = Field(_LIBRARY.als.lambda_v, gt=0)
+    use_bias: bool = _LIBRARY.als.use_bias
+    item_weighting: bool = _LIBRARY.als.item_weighting
+    max_iterations: int = Field(_LIBRARY.als.max_iterations, ge=1, le=500)
+    patience: int = Field(_LIBRARY.als.patience, ge=1, le=50)
+    warmup_iterations: int = Field(_LIBRARY.warmup_iterations, ge=0, le=500)
+    cnn_epochs_per_iteration: int = Field(_LIBRARY.cnn.epochs_per_iteration, ge=1, le=50)
+    embedding_dim: int = Field(_LIBRARY.cnn.embedding_dim, ge=2, le=1024)
+    n_filters: int = Field(_LIBRARY.cnn.n_filters, ge=1, le=1024)
+    hidden_dim: int = Field(_LIBRARY.cnn.hidden_dim, ge=1, le=2048)
+    dropout: float = Field(_LIBRARY.cnn.dropout, ge=0.0, lt=1.0)
+    batch_size: int = Field(_LIBRARY.cnn.batch_size, ge=1, le=8192)
+    learning_rate: float = Field(_LIBRARY.cnn.learning_rate, gt=0, le=1.0)
+    seed: int = _LIBRARY.seed
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def config(self) -> ConvMFConfig:
-        """As the library's :class:`ConvMFConfig`."""
-        return ConvMFConfig(
-            als=ALSConfig(n_factors=self.n_factors, lambda_u=self.lambda_u, lambda_v=self.lambda_v,
-                          use_bias=self.use_bias, item_weighting=self.item_weighting,
-                          max_iterations=self.max_iterations, patience=self.patience),
-            cnn=CNNConfig(embedding_dim=self.embedding_dim, n_filters=self.n_filters, hidden_dim=self.hidden_dim,
-                          dropout=self.dropout, epochs_per_iteration=self.cnn_epochs_per_iteration,
-                          batch_size=self.batch_size, learning_rate=self.learning_rate),
-            seed=self.seed, device=self.device)
+        """As the library's :class:`ConvMFConfig` (settings not exposed here keep the library's defaults)."""
+        return replace(
+            _LIBRARY,
+            als=replace(_LIBRARY.als, n_factors=self.n_factors, lambda_u=self.lambda_u, lambda_v=self.lambda_v,
+                        use_bias=self.use_bias, item_weighting=self.item_weighting,
+                        max_iterations=self.max_iterations, patience=self.patience),
+            cnn=replace(_LIBRARY.cnn, embedding_dim=self.embedding_dim, n_filters=self.n_filters,
+                        hidden_dim=self.hidden_dim, dropout=self.dropout,
+                        epochs_per_iteration=self.cnn_epochs_per_iteration, batch_size=self.batch_size,
+                        learning_rate=self.learning_rate),
+            warmup_iterations=self.warmup_iterations, seed=self.seed, device=self.device)
 
 
 class SplitParams(_Params):
@@ -152,10 +162,32 @@ class ScoringParams(_Params):
     block_size: int = Field(1024, ge=1, le=65_536, description="Users per matrix product inside a shard")
     run_date: dt.date | None = Field(None, description="Partition date of the output (default: today, UTC)")
     storage: StorageParams = StorageParams()
+    # Where the shards run. The output is the same whichever runner scores it.
+    task_runner: Literal["threads", "dask"] = Field("threads", description="'threads': shards run in the flow's "
+                                                    "process; 'dask': on a Dask cluster (local or dask_address)")
+    threads: int = Field(2, ge=1, le=64, description="threads: shards scored at once in the flow's process")
+    dask_address: str | None = Field(None, pattern=DASK_ADDRESS_PATTERN,
+                                     description="dask: scheduler of an existing cluster, e.g. tcp://10.0.0.5:8786 "
+                                                 "(default $CONVMF_DASK_ADDRESS; unset: a local cluster)")
+    dask_workers: int = Field(2, ge=1, le=256, description="dask, local cluster: worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=64, description="dask, local cluster: shards at once per worker")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "ScoringParams":
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("dask_address is only used with task_runner='dask'")
+        return self
 
     def resolved_run_date(self) -> dt.date:
         """The output partition's date."""
         return self.run_date or dt.datetime.now(dt.timezone.utc).date()
+
+    def resolved_dask_address(self) -> str | None:
+        """The scheduler to connect to, or ``None`` for a local cluster of ``dask_workers`` processes."""
+        address = self.dask_address or os.environ.get("CONVMF_DASK_ADDRESS") or None
+        if address is not None and not re.fullmatch(DASK_ADDRESS_PATTERN, address):
+            raise ValueError(f"CONVMF_DASK_ADDRESS={address!r} is not a Dask scheduler address (tcp://host:port)")
+        return address
 
 
 class NightlyParams(_Params):

@@ -41,14 +41,18 @@ def training_flow(params: TrainingParams = TrainingParams()) -> TrainingResult:
     home, storage = params.storage.home_dir(), params.storage
     run = start_run(storage.resolved_tracking_uri(), storage.experiment, storage.artifact_root(), "training",
                     {"model_name": params.model_name})
-    ratings_file, items_file = input_files(params)
-    ingested = ingest_files(ratings_file, items_file, params.data.ingest_config(), home, run)
-    tokenized = tokenize_items(ingested, params.text.config(), home, run)
-    split = SplitSpec(params.split.validation_fraction, params.split.test_fraction,
-                      params.split.cold_item_fraction, params.split.seed)
-    trained = train_convmf(ingested, tokenized, params.model.config(), split, home, run)
-    metrics = evaluate_model(trained, params.eval_n, run)
-    version = register_model(trained, metrics, params.model_name, ingested.content_hash, run)
-    decision = promote_model(version, trained, run)
+    try:
+        ratings_file, items_file = input_files(params)
+        ingested = ingest_files(ratings_file, items_file, params.data.ingest_config(), home, run)
+        tokenized = tokenize_items(ingested, params.text.config(), home, run)
+        split = SplitSpec(params.split.validation_fraction, params.split.test_fraction,
+                          params.split.cold_item_fraction, params.split.seed)
+        trained = train_convmf(ingested, tokenized, params.model.config(), split, home, run)
+        metrics = evaluate_model(trained, params.eval_n, run)
+        version = register_model(trained, metrics, params.model_name, ingested.content_hash, run)
+        decision = promote_model(version, trained, run)
+    except BaseException:
+        end_run(run, "FAILED")  # else the MLflow run would stay RUNNING forever
+        raise
     end_run(run)
     return TrainingResult(run, trained, metrics, version, decision)

@@ -22,7 +22,9 @@ def evaluate_model(trained: TrainedModel, n: int, run: RunRef) -> dict[str, floa
     split, cold = read_split(trained.split_dir, model.n_users, model.n_items)
     metrics = evaluate(model, split.train, split.test, n=n, cold_items=cold if len(cold) else None)
     metrics["validation_rmse"] = trained.best_validation_rmse
-    run.log_metrics({f"test_{k}" if k != "validation_rmse" else k: v for k, v in metrics.items()})
+    # validation_rmse is the per-iteration history train_convmf logged (steps 1..k; the best is best_validation_rmse):
+    # logging it again here would add a step-0 point to that curve.
+    run.log_metrics({f"test_{k}": v for k, v in metrics.items() if k != "validation_rmse"})
     rows = [{"metric": k, "value": round(v, 5) if math.isfinite(v) else None} for k, v in metrics.items()]
     create_table_artifact(rows, key="evaluation", description=f"Test metrics (top-{n}, training items excluded)")
     get_run_logger().info("test RMSE %.4f, MAE %.4f, recall@%d %.4f", metrics["rmse"], metrics["mae"], n,

@@ -113,7 +113,9 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     out = Path(home) / "models" / run.run_id
     split_dir = write_split(data_split, cold_items, out / "split")
     train = data_split.train
-    seen = pd.DataFrame({"user_id": user_map.to_raw(train.users), "item_id": item_map.to_raw(train.items)})
+    # Pairs the served lists leave out: everything each user has rated (validation and test ratings included: the
+    # split is for measuring the model, not a reason to recommend an item the user has already rated).
+    seen = pd.DataFrame({"user_id": user_map.to_raw(ratings.users), "item_id": item_map.to_raw(ratings.items)})
     seen_path = write_parquet_atomic(seen, out / "seen.parquet")
     run.log_params({**{f"als.{k}": v for k, v in config_to_dict(config.als).items()},
                     **{f"cnn.{k}": v for k, v in config_to_dict(config.cnn).items()},

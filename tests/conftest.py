@@ -6,11 +6,20 @@ a CNN with 16-dim embeddings and 8 filters per window, 4 latent factors and a ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import os
 
-import pytest
-import torch
+# Offline machines: Prefect's telemetry otherwise prints tracebacks (and can lock its SQLite database), MLflow's
+# tries the network. Set before any test module imports prefect or mlflow.
+for _key, _value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                     "DO_NOT_TRACK": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, PMFConfig, SGDMFConfig, TextConfig
 from convmf_core.data import IdMap, Ratings, Split, random_split, ratings_from_frame
@@ -118,3 +127,30 @@ def fitted(catalogue: Catalogue, split: Split, convmf_config: ConvMFConfig, pmf_
     m = SGDMF(sgd_config)
     out["sgd"] = Fitted(m, m.fit(split.train, split.validation))
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pipeline fixtures: one Prefect test server and one migrated MLflow store per session
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow SQLite store (tracking + registry tables), created once; copy it per test."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.search_experiments()
+    client.search_registered_models()
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect API server (SQLite) for flows run in this session; started once (~5-8 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -60,9 +60,18 @@ class ALSFactorModel(Recommender):
         return None
 
     def _update_prior(self, V: torch.Tensor, item_weight: torch.Tensor, rated: torch.Tensor,
-                      generator: torch.Generator) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """New theta after the V step (ConvMF: eq. 9) and extra figures for the iteration report."""
+                      generator: torch.Generator, epochs: int | None) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """New theta after the V step (ConvMF: eq. 9; ``epochs`` overrides the per-iteration count) and extra
+        figures for the iteration report."""
         return None, {}
+
+    def _warmup_iterations(self) -> int:
+        """Leading iterations that run without the prior (ALS only); the prior is first fitted at the last one."""
+        return 0
+
+    def _warmup_epochs(self) -> int | None:
+        """Prior-fitting epochs at the end of the warm-up (None: the per-iteration count)."""
+        return None
 
     def _extra_state(self) -> dict[str, Any]:
         """Subclass state to keep with the best iteration and in checkpoints (tensors / plain values only)."""
@@ -130,9 +139,11 @@ class ALSFactorModel(Recommender):
             start_iteration = ck["iteration"] + 1
             logger.info("resumed from %s after iteration %d", checkpoint_path, ck["iteration"])
 
+        warmup = self._warmup_iterations()
         for iteration in range(start_iteration, cfg.max_iterations + 1):
             if stale >= cfg.patience:
                 break
+            in_warmup = iteration <= warmup  # ALS only, no prior; never counts towards early stopping
             t0 = time.perf_counter()
             # eq. 7: u_i <- (V_i^T V_i + lambda_U I)^-1 V_i^T r_i   (targets net of mu and item bias)
             target = user_rows.values - mu - (bi[item_of_user_entry] if use_bias else 0.0)
@@ -144,7 +155,7 @@ class ALSFactorModel(Recommender):
             target = item_rows.values - mu - (bu[user_of_item_entry] if use_bias else 0.0)
             Y = torch.cat([U, ones_n], 1) if use_bias else U
             prior = None
-            if theta is not None:
+            if theta is not None and not in_warmup:
                 mask = self._prior_mask()
                 prior = theta if mask is None else theta * mask.unsqueeze(1)
                 if use_bias:
@@ -154,7 +165,10 @@ class ALSFactorModel(Recommender):
             V, bi = (X[:, :k], X[:, k]) if use_bias else (X, bi)
             t_als = time.perf_counter() - t0
             # eq. 9 (ConvMF): fit the CNN to V, then theta_j = cnn(W, X_j).
-            new_theta, extra = self._update_prior(V, item_weight, rated, generator)
+            new_theta, extra = None, {}
+            if not in_warmup or iteration == warmup:
+                new_theta, extra = self._update_prior(V, item_weight, rated, generator,
+                                                      self._warmup_epochs() if iteration == warmup else None)
             if new_theta is not None:
                 theta = new_theta
                 mask = self._prior_mask()
@@ -185,7 +199,7 @@ class ALSFactorModel(Recommender):
                 best_metric, stale = metric, 0
                 best = {"U": U.clone(), "V": V.clone(), "bu": bu.clone(), "bi": bi.clone(), "iteration": iteration,
                         "theta": None if theta is None else theta.clone(), "extra": copy.deepcopy(self._extra_state())}
-            else:
+            elif not in_warmup:
                 stale += 1
             if callback is not None:
                 callback(report)
@@ -199,7 +213,6 @@ class ALSFactorModel(Recommender):
             raise ModelFitError("no iteration ran: max_iterations must be at least 1")
         self._load_extra_state(best["extra"])
         self.best_iteration_ = int(best["iteration"])
-        self._theta_ = best["theta"]
         self._set_fitted(best["U"], best["V"], best["bu"], best["bi"])
 
     def _set_fitted(self, U: torch.Tensor, V: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor) -> None:
@@ -217,7 +230,11 @@ class ALSFactorModel(Recommender):
             pred = pred + bu[users] + bi[items]
         err = torch.as_tensor(values, device=U.device) - pred
         loss = 0.5 * (err ** 2).sum() + 0.5 * cfg.lambda_u * (U ** 2).sum()
-        diff = V if theta is None else V - theta * (self._prior_mask().unsqueeze(1) if self._prior_mask() is not None else 1)
+        if theta is None:
+            diff = V
+        else:
+            mask = self._prior_mask()
+            diff = V - (theta if mask is None else theta * mask.unsqueeze(1))  # items without text: prior 0
         loss = loss + 0.5 * cfg.lambda_v * (item_weight.unsqueeze(1) * diff ** 2).sum()
         if use_bias:
             loss = loss + 0.5 * cfg.lambda_bias * ((bu ** 2).sum() + (bi ** 2).sum())

@@ -85,8 +85,8 @@ class Recommender(ABC):
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Predicted ratings for the (user, item) index pairs."""
         f = self.scoring_factors()
-        u = torch.as_tensor(np.asarray(users, dtype=np.int64))
-        i = torch.as_tensor(np.asarray(items, dtype=np.int64))
+        u = torch.from_numpy(np.array(users, dtype=np.int64))  # a copy: pandas 3 hands out read-only arrays
+        i = torch.from_numpy(np.array(items, dtype=np.int64))
         pred = (f.user[u] * f.item[i]).sum(dim=1) + f.offset
         if f.clip is not None:
             pred = pred.clamp(*f.clip)
@@ -95,7 +95,7 @@ class Recommender(ABC):
     def score(self, users: np.ndarray) -> np.ndarray:
         """Predicted ratings of every item for each user in ``users``: shape ``(len(users), n_items)``."""
         f = self.scoring_factors()
-        u = torch.as_tensor(np.asarray(users, dtype=np.int64))
+        u = torch.from_numpy(np.array(users, dtype=np.int64))  # a copy: pandas 3 hands out read-only arrays
         scores = f.user[u] @ f.item.T + f.offset
         return scores.numpy()
 

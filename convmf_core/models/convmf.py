@@ -10,6 +10,7 @@ from its description alone; :meth:`ConvMF.embed_items` does the same for items d
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,21 +75,26 @@ class ConvMF(ALSFactorModel):
     def _prior_mask(self) -> torch.Tensor:
         return self.item_has_text_.to(self.cnn_.projection.weight.device)
 
+    def _warmup_iterations(self) -> int:
+        return self.config.warmup_iterations
+
+    def _warmup_epochs(self) -> int | None:
+        return self.config.warmup_cnn_epochs
+
     def _update_prior(self, V: torch.Tensor, item_weight: torch.Tensor, rated: torch.Tensor,
-                      generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                      generator: torch.Generator, epochs: int | None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config.cnn
+        epochs = cfg.epochs_per_iteration if epochs is None else epochs
         device = V.device
         # eq. 9 targets: items with text and at least one rating (an unrated item's v_j is theta_j already).
         train_items = np.flatnonzero(self.item_has_text_.numpy() & rated.cpu().numpy())
-        import time
         t0 = time.perf_counter()
         cnn_loss = train_epochs(self.cnn_, self._optimizer, self._documents, train_items, V,
-                                item_weight if self.als.item_weighting else None, cfg.epochs_per_iteration,
-                                cfg.batch_size, generator)
+                                item_weight if self.als.item_weighting else None, epochs, cfg.batch_size, generator)
         t_cnn = time.perf_counter() - t0
         theta = self._init_prior(V.shape[0], device, generator)
         return theta, {"cnn_loss": cnn_loss, "cnn_seconds": t_cnn,
-                       "cnn_seconds_per_epoch": t_cnn / max(cfg.epochs_per_iteration, 1)}
+                       "cnn_seconds_per_epoch": t_cnn / max(epochs, 1)}
 
     def _extra_state(self) -> dict[str, Any]:
         return {"cnn": self.cnn_.state_dict(), "optimizer": self._optimizer.state_dict()}
