@@ -17,9 +17,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -83,162 +83,109 @@ class ALSFactorModel(Recommender):
     # ----- training --------------------------------------------------------------------------------------------
     def _fit_als(self, train: Ratings, validation: Ratings | None, callback: ProgressCallback | None,
                  checkpoint_path: str | Path | None, resume: bool) -> None:
+        """The outer loop: eq. 7, eq. 8, the prior update, then validation, early stopping and a checkpoint."""
         cfg = self.als
-        device = resolve_device(self.device)
-        implicit = cfg.confidence is not None
         if len(train) == 0:
             raise ModelFitError("cannot fit on an empty training set")
+        device = resolve_device(self.device)
         generator = torch.Generator().manual_seed(self.seed)
-        N, M, k = train.n_users, train.n_items, cfg.n_factors
-        use_bias = cfg.use_bias and not implicit
-        mu = train.mean() if use_bias else 0.0
-        values = np.ones(len(train), dtype=np.float32) if implicit else train.values
-        self.global_mean_ = float(mu)
+        problem = _ALSProblem(train, cfg, device)
+        self.global_mean_ = problem.mu
         self.rating_range_ = (float(train.values.min()), float(train.values.max()))
-
-        # Two CSR views of the same ratings; each entry's other-side index in that view's order.
-        by_user = Ratings(train.users, train.items, values, N, M).csr()
-        by_item = Ratings(train.items, train.users, values, M, N).csr()
-        user_rows = SparseRows.from_csr(by_user, device)
-        item_rows = SparseRows.from_csr(by_item, device)
-        user_of_item_entry = item_rows.indices  # for rows by item, the columns are users
-        item_of_user_entry = user_rows.indices
-        counts = torch.as_tensor(train.item_counts(), device=device, dtype=torch.float32)
-        rated = counts > 0
-        item_weight = torch.ones(M, device=device)
-        if cfg.item_weighting:  # authors' code: w_j = sqrt(n_j) / mean(sqrt(n)); unrated items keep weight 1
-            sq = counts.sqrt()
-            item_weight = torch.where(rated, sq / sq[rated].mean(), torch.ones_like(sq))
-
-        U = torch.randn(N, k, generator=generator).to(device) * cfg.init_scale
-        theta = self._init_prior(M, device, generator)
-        V = torch.randn(M, k, generator=generator).to(device) * cfg.init_scale
-        if theta is not None:
-            mask = self._prior_mask()
-            V = torch.where(mask.unsqueeze(1), theta, V) if mask is not None else theta.clone()
-        bu = torch.zeros(N, device=device)
-        bi = torch.zeros(M, device=device)
-        ones_n, ones_m = torch.ones(N, 1, device=device), torch.ones(M, 1, device=device)
-        reg_u = torch.full((k + use_bias,), cfg.lambda_u, device=device)
-        reg_v = torch.full((M, k + use_bias), cfg.lambda_v, device=device) * item_weight.unsqueeze(1)
-        if use_bias:
-            reg_u[k] = cfg.lambda_bias
-            reg_v[:, k] = cfg.lambda_bias
-
+        factors = self._initial_factors(problem, device, generator)
         self.history_: list[IterationReport] = []
-        best: dict[str, Any] | None = None
-        best_metric, stale, start_iteration = math.inf, 0, 1
+        stopper = _EarlyStopping(cfg.patience, cfg.min_improvement)
+        start_iteration = 1
         if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-            ck = load_checkpoint(checkpoint_path)
-            U, V, bu, bi = (ck[n].to(device) for n in ("U", "V", "bu", "bi"))
-            theta = ck["theta"].to(device) if ck["theta"] is not None else None
-            self._load_extra_state(ck["extra"])
-            generator.set_state(ck["generator"])
-            self.history_ = [IterationReport(**h) for h in ck["history"]]
-            best, best_metric, stale = ck["best"], ck["best_metric"], ck["stale"]
-            start_iteration = ck["iteration"] + 1
-            logger.info("resumed from %s after iteration %d", checkpoint_path, ck["iteration"])
-
+            factors, stopper, start_iteration = self._restore(checkpoint_path, device, generator)
         warmup = self._warmup_iterations()
         for iteration in range(start_iteration, cfg.max_iterations + 1):
-            if stale >= cfg.patience:
+            if stopper.done:
                 break
             in_warmup = iteration <= warmup  # ALS only, no prior; never counts towards early stopping
             t0 = time.perf_counter()
-            # eq. 7: u_i <- (V_i^T V_i + lambda_U I)^-1 V_i^T r_i   (targets net of mu and item bias)
-            target = user_rows.values - mu - (bi[item_of_user_entry] if use_bias else 0.0)
-            Y = torch.cat([V, ones_m], 1) if use_bias else V
-            X = solve_ridge(user_rows.with_values(target), Y, reg_u, confidence=cfg.confidence,
-                            block_rows=cfg.solve_block_rows)
-            U, bu = (X[:, :k], X[:, k]) if use_bias else (X, bu)
-            # eq. 8: v_j <- (U_j^T U_j + lambda_V I)^-1 (U_j^T r_j + lambda_V theta_j)   (targets net of user bias)
-            target = item_rows.values - mu - (bu[user_of_item_entry] if use_bias else 0.0)
-            Y = torch.cat([U, ones_n], 1) if use_bias else U
-            prior = None
-            if theta is not None and not in_warmup:
-                mask = self._prior_mask()
-                prior = theta if mask is None else theta * mask.unsqueeze(1)
-                if use_bias:
-                    prior = torch.cat([prior, torch.zeros(M, 1, device=device)], 1)
-            X = solve_ridge(item_rows.with_values(target), Y, reg_v, prior, confidence=cfg.confidence,
-                            block_rows=cfg.solve_block_rows)
-            V, bi = (X[:, :k], X[:, k]) if use_bias else (X, bi)
+            problem.solve_users(factors)  # eq. 7
+            problem.solve_items(factors, None if in_warmup else self._masked_prior(factors.theta))  # eq. 8
             t_als = time.perf_counter() - t0
-            # eq. 9 (ConvMF): fit the CNN to V, then theta_j = cnn(W, X_j).
-            new_theta, extra = None, {}
-            if not in_warmup or iteration == warmup:
-                new_theta, extra = self._update_prior(V, item_weight, rated, generator,
-                                                      self._warmup_epochs() if iteration == warmup else None)
-            if new_theta is not None:
-                theta = new_theta
-                mask = self._prior_mask()
-                cold = ~rated if mask is None else (~rated & mask)
-                V = torch.where(cold.unsqueeze(1), theta, V)  # no ratings: v_j = theta_j (eq. 8 with n_j = 0)
-            self._set_fitted(U, V, bu, bi)
-            loss = self._train_loss(train, U, V, bu, bi, theta, item_weight, use_bias, values)
-            if not math.isfinite(loss) or not bool(torch.isfinite(V).all() and torch.isfinite(U).all()):
+            extra: dict[str, float] = {}
+            if not in_warmup or iteration == warmup:  # eq. 9 (ConvMF): fit the CNN to V, theta = cnn(W, X)
+                theta, extra = self._update_prior(factors.V, problem.item_weight, problem.rated, generator,
+                                                  self._warmup_epochs() if iteration == warmup else None)
+                if theta is not None:
+                    factors.set_prior(theta, problem.rated, self._prior_mask())
+            self._set_fitted(factors.U, factors.V, factors.bu, factors.bi)
+            loss = problem.loss(factors, self._masked_prior(factors.theta))
+            if not math.isfinite(loss) or not bool(torch.isfinite(factors.V).all() and torch.isfinite(factors.U).all()):
                 raise ModelFitError(f"training diverged at iteration {iteration} (loss {loss}); lower the "
                                     "learning rate or raise lambda_u / lambda_v")
-            val_rmse, metric = None, loss
-            if validation is not None and len(validation):
-                if implicit:
-                    rec = self.recommend(np.unique(validation.users), 20, exclude=train)
-                    recall = ranking_metrics(rec, validation, 20)["recall@20"]
-                    extra = {**extra, "validation_recall@20": recall}
-                    metric = -recall
-                else:
-                    pred = self.predict(validation.users, validation.items)
-                    val_rmse = float(np.sqrt(np.mean((pred - validation.values) ** 2)))
-                    metric = val_rmse
-            seconds = time.perf_counter() - t0
-            report = IterationReport(iteration, loss, val_rmse, seconds, {"als_seconds": t_als, **extra})
+            val_rmse, metric, val_extra = self._validate(train, validation, loss)
+            report = IterationReport(iteration, loss, val_rmse, time.perf_counter() - t0,
+                                     {"als_seconds": t_als, **extra, **val_extra})
             self.history_.append(report)
             logger.info("iteration %d: train loss %.4f, validation %s, %.2f s", iteration, loss,
-                        "n/a" if val_rmse is None else f"{val_rmse:.4f}", seconds)
-            if metric < best_metric - cfg.min_improvement:
-                best_metric, stale = metric, 0
-                best = {"U": U.clone(), "V": V.clone(), "bu": bu.clone(), "bi": bi.clone(), "iteration": iteration,
-                        "theta": None if theta is None else theta.clone(), "extra": copy.deepcopy(self._extra_state())}
-            elif not in_warmup:
-                stale += 1
+                        "n/a" if val_rmse is None else f"{val_rmse:.4f}", report.seconds)
+            stopper.update(metric, iteration, counts=not in_warmup,
+                           snapshot=lambda: {**factors.clone().to_dict(), "extra": copy.deepcopy(self._extra_state())})
             if callback is not None:
                 callback(report)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, {
-                    "version": CHECKPOINT_VERSION, "iteration": iteration, "U": U, "V": V, "bu": bu, "bi": bi,
-                    "theta": theta, "extra": self._extra_state(), "generator": generator.get_state(),
-                    "history": [asdict(h) for h in self.history_], "best": best, "best_metric": best_metric,
-                    "stale": stale})
+                    "version": CHECKPOINT_VERSION, "iteration": iteration, **factors.to_dict(),
+                    "extra": self._extra_state(), "generator": generator.get_state(),
+                    "history": [asdict(h) for h in self.history_], **stopper.to_dict()})
+        best = stopper.best
         if best is None:
             raise ModelFitError("no iteration ran: max_iterations must be at least 1")
         self._load_extra_state(best["extra"])
-        self.best_iteration_ = int(best["iteration"])
+        self.best_iteration_ = int(stopper.best_iteration)
         self._set_fitted(best["U"], best["V"], best["bu"], best["bi"])
+
+    def _initial_factors(self, problem: "_ALSProblem", device: torch.device, generator: torch.Generator) -> "_Factors":
+        """U ~ N(0, init_scale^2); V = theta for items with a prior (as the authors' code), else N(0, init_scale^2)."""
+        k, scale = self.als.n_factors, self.als.init_scale
+        U = torch.randn(problem.n_users, k, generator=generator).to(device) * scale
+        theta = self._init_prior(problem.n_items, device, generator)
+        V = torch.randn(problem.n_items, k, generator=generator).to(device) * scale
+        if theta is not None:
+            mask = self._prior_mask()
+            V = torch.where(mask.unsqueeze(1), theta, V) if mask is not None else theta.clone()
+        return _Factors(U, V, torch.zeros(problem.n_users, device=device), torch.zeros(problem.n_items, device=device),
+                        theta)
+
+    def _masked_prior(self, theta: torch.Tensor | None) -> torch.Tensor | None:
+        """theta with the rows of items without a prior (no text) set to 0."""
+        if theta is None:
+            return None
+        mask = self._prior_mask()
+        return theta if mask is None else theta * mask.unsqueeze(1)
+
+    def _validate(self, train: Ratings, validation: Ratings | None,
+                  loss: float) -> tuple[float | None, float, dict[str, float]]:
+        """(validation RMSE, the metric early stopping minimises, extra figures). Implicit mode: -recall@20."""
+        if validation is None or not len(validation):
+            return None, loss, {}
+        if self.als.confidence is not None:
+            rec = self.recommend(np.unique(validation.users), 20, exclude=train)
+            recall = ranking_metrics(rec, validation, 20)["recall@20"]
+            return None, -recall, {"validation_recall@20": recall}
+        pred = self.predict(validation.users, validation.items)
+        rmse = float(np.sqrt(np.mean((pred - validation.values) ** 2)))
+        return rmse, rmse, {}
+
+    def _restore(self, checkpoint_path: str | Path, device: torch.device,
+                 generator: torch.Generator) -> tuple["_Factors", "_EarlyStopping", int]:
+        """Factors, early-stopping state and the next iteration from a checkpoint (subclass state and RNG too)."""
+        ck = load_checkpoint(checkpoint_path)
+        factors = _Factors.from_dict(ck, device)
+        self._load_extra_state(ck["extra"])
+        generator.set_state(ck["generator"])
+        self.history_ = [IterationReport(**h) for h in ck["history"]]
+        logger.info("resumed from %s after iteration %d", checkpoint_path, ck["iteration"])
+        return factors, _EarlyStopping.from_dict(ck, self.als.patience, self.als.min_improvement), ck["iteration"] + 1
 
     def _set_fitted(self, U: torch.Tensor, V: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor) -> None:
         self.user_factors_, self.item_factors_ = U.detach().cpu(), V.detach().cpu()
         self.user_bias_, self.item_bias_ = bu.detach().cpu(), bi.detach().cpu()
-
-    def _train_loss(self, train: Ratings, U: torch.Tensor, V: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor,
-                    theta: torch.Tensor | None, item_weight: torch.Tensor, use_bias: bool, values: np.ndarray) -> float:
-        """The objective L of the module docstring at the current parameters (explicit loss; per rating scale)."""
-        cfg = self.als
-        users = torch.as_tensor(train.users, device=U.device)
-        items = torch.as_tensor(train.items, device=U.device)
-        pred = (U[users] * V[items]).sum(1) + self.global_mean_
-        if use_bias:
-            pred = pred + bu[users] + bi[items]
-        err = torch.as_tensor(values, device=U.device) - pred
-        loss = 0.5 * (err ** 2).sum() + 0.5 * cfg.lambda_u * (U ** 2).sum()
-        if theta is None:
-            diff = V
-        else:
-            mask = self._prior_mask()
-            diff = V - (theta if mask is None else theta * mask.unsqueeze(1))  # items without text: prior 0
-        loss = loss + 0.5 * cfg.lambda_v * (item_weight.unsqueeze(1) * diff ** 2).sum()
-        if use_bias:
-            loss = loss + 0.5 * cfg.lambda_bias * ((bu ** 2).sum() + (bi ** 2).sum())
-        return float(loss) / len(train)
 
     # ----- scoring -----------------------------------------------------------------------------------------------
     def scoring_factors(self) -> ScoringFactors:
@@ -250,6 +197,145 @@ class ALSFactorModel(Recommender):
         item = torch.cat([self.item_factors_, torch.ones(m, 1), self.item_bias_.unsqueeze(1)], 1)
         clip = self.rating_range_ if (self.als.clip_predictions and self.als.confidence is None) else None
         return ScoringFactors(user, item, self.global_mean_, clip)
+
+
+@dataclass
+class _Factors:
+    """What ALS updates: user/item factors U, V, biases b (users) and c (items), and the prior theta."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    bu: torch.Tensor
+    bi: torch.Tensor
+    theta: torch.Tensor | None
+
+    def set_prior(self, theta: torch.Tensor, rated: torch.Tensor, prior_mask: torch.Tensor | None) -> None:
+        """Take the new theta; items with a prior and no rating get v_j = theta_j (eq. 8 with n_j = 0)."""
+        self.theta = theta
+        cold = ~rated if prior_mask is None else (~rated & prior_mask)
+        self.V = torch.where(cold.unsqueeze(1), theta, self.V)
+
+    def clone(self) -> "_Factors":
+        """A deep copy (for the best-so-far snapshot)."""
+        return _Factors(self.U.clone(), self.V.clone(), self.bu.clone(), self.bi.clone(),
+                        None if self.theta is None else self.theta.clone())
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        """Tensors by name, for checkpoints."""
+        return {"U": self.U, "V": self.V, "bu": self.bu, "bi": self.bi, "theta": self.theta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device) -> "_Factors":
+        """Inverse of :meth:`to_dict`, on ``device``."""
+        return cls(*(d[n].to(device) for n in ("U", "V", "bu", "bi")),
+                   d["theta"].to(device) if d["theta"] is not None else None)
+
+
+class _ALSProblem:
+    """The fixed operands of one fit: both CSR views of the ratings, mu, the ridge terms, the item weights.
+
+    Bias terms ride along as an extra column: solving users against [V, 1] gives [u_i, b_i]; solving items
+    against [U, 1] gives [v_j, c_j]; targets are net of mu and of the other side's bias.
+    """
+
+    def __init__(self, train: Ratings, cfg: ALSConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.n_users, self.n_items, self.k = train.n_users, train.n_items, cfg.n_factors
+        implicit = cfg.confidence is not None
+        self.use_bias = cfg.use_bias and not implicit
+        self.mu = train.mean() if self.use_bias else 0.0
+        values = np.ones(len(train), dtype=np.float32) if implicit else train.values  # implicit: preference 1
+        self.users = torch.as_tensor(train.users, device=device)
+        self.items = torch.as_tensor(train.items, device=device)
+        self.values = torch.as_tensor(values, device=device)
+        self.user_rows = SparseRows.from_csr(Ratings(train.users, train.items, values, self.n_users,
+                                                     self.n_items).csr(), device)
+        self.item_rows = SparseRows.from_csr(Ratings(train.items, train.users, values, self.n_items,
+                                                     self.n_users).csr(), device)
+        counts = torch.as_tensor(train.item_counts(), device=device, dtype=torch.float32)
+        self.rated = counts > 0
+        self.item_weight = torch.ones(self.n_items, device=device)
+        if cfg.item_weighting:  # authors' code: w_j = sqrt(n_j) / mean(sqrt(n)); unrated items keep weight 1
+            sq = counts.sqrt()
+            self.item_weight = torch.where(self.rated, sq / sq[self.rated].mean(), torch.ones_like(sq))
+        d = self.k + self.use_bias
+        self.reg_u = torch.full((d,), cfg.lambda_u, device=device)
+        self.reg_v = torch.full((self.n_items, d), cfg.lambda_v, device=device) * self.item_weight.unsqueeze(1)
+        if self.use_bias:
+            self.reg_u[self.k] = cfg.lambda_bias
+            self.reg_v[:, self.k] = cfg.lambda_bias
+        self.ones_n = torch.ones(self.n_users, 1, device=device)
+        self.ones_m = torch.ones(self.n_items, 1, device=device)
+
+    def solve_users(self, f: _Factors) -> None:
+        """eq. 7: u_i <- (V_i^T V_i + lambda_U I)^-1 V_i^T r_i, targets net of mu and the item bias."""
+        rows = self.user_rows
+        target = rows.values - self.mu - (f.bi[rows.indices] if self.use_bias else 0.0)
+        Y = torch.cat([f.V, self.ones_m], 1) if self.use_bias else f.V
+        X = solve_ridge(rows.with_values(target), Y, self.reg_u, confidence=self.cfg.confidence,
+                        block_rows=self.cfg.solve_block_rows)
+        f.U, f.bu = (X[:, :self.k], X[:, self.k]) if self.use_bias else (X, f.bu)
+
+    def solve_items(self, f: _Factors, prior: torch.Tensor | None) -> None:
+        """eq. 8: v_j <- (U_j^T U_j + lambda_V I)^-1 (U_j^T r_j + lambda_V theta_j), targets net of mu and the
+        user bias; ``prior`` is theta (rows of items without text zeroed) or None for PMF."""
+        rows = self.item_rows
+        target = rows.values - self.mu - (f.bu[rows.indices] if self.use_bias else 0.0)
+        Y = torch.cat([f.U, self.ones_n], 1) if self.use_bias else f.U
+        if prior is not None and self.use_bias:
+            prior = torch.cat([prior, torch.zeros_like(self.ones_m)], 1)  # the bias column has a zero prior
+        X = solve_ridge(rows.with_values(target), Y, self.reg_v, prior, confidence=self.cfg.confidence,
+                        block_rows=self.cfg.solve_block_rows)
+        f.V, f.bi = (X[:, :self.k], X[:, self.k]) if self.use_bias else (X, f.bi)
+
+    def loss(self, f: _Factors, prior: torch.Tensor | None) -> float:
+        """The objective L of the module docstring per training rating (explicit-rating form)."""
+        cfg = self.cfg
+        pred = (f.U[self.users] * f.V[self.items]).sum(1) + self.mu
+        if self.use_bias:
+            pred = pred + f.bu[self.users] + f.bi[self.items]
+        diff = f.V if prior is None else f.V - prior
+        loss = (0.5 * ((self.values - pred) ** 2).sum() + 0.5 * cfg.lambda_u * (f.U ** 2).sum()
+                + 0.5 * cfg.lambda_v * (self.item_weight.unsqueeze(1) * diff ** 2).sum())
+        if self.use_bias:
+            loss = loss + 0.5 * cfg.lambda_bias * ((f.bu ** 2).sum() + (f.bi ** 2).sum())
+        return float(loss) / len(self.values)
+
+
+@dataclass
+class _EarlyStopping:
+    """Stop after ``patience`` counted iterations without a new best (by at least ``min_improvement``); keep the
+    best iteration's snapshot (the authors' code kept the last improvement over the previous iteration instead)."""
+
+    patience: int
+    min_improvement: float
+    best_metric: float = math.inf
+    best_iteration: int = 0
+    stale: int = 0
+    best: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once patience has run out."""
+        return self.stale >= self.patience
+
+    def update(self, metric: float, iteration: int, *, counts: bool, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Record one iteration's metric (lower is better); ``snapshot`` is called only for a new best."""
+        if metric < self.best_metric - self.min_improvement:
+            self.best_metric, self.best_iteration, self.stale = metric, iteration, 0
+            self.best = snapshot()
+        elif counts:
+            self.stale += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """State for checkpoints."""
+        return {"best": self.best, "best_metric": self.best_metric, "best_iteration": self.best_iteration,
+                "stale": self.stale}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], patience: int, min_improvement: float) -> "_EarlyStopping":
+        """Inverse of :meth:`to_dict`."""
+        return cls(patience, min_improvement, d["best_metric"], d["best_iteration"], d["stale"], d["best"])
 
 
 class PMF(ALSFactorModel):
