@@ -49,7 +49,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from convmf_core.atomic import write_file_atomic
 from convmf_core.schemas import ITEMS_SCHEMA, QUARANTINE_SCHEMA, RATINGS_SCHEMA, conform_frame, frame_to_table
 
 Format = Literal["auto", "csv", "tsv", "jsonl", "parquet", "movielens-100k", "movielens-1m", "movielens-latest"]
@@ -848,17 +848,4 @@ def write_parquet_atomic(frame: pd.DataFrame, path: Path, schema: pa.Schema | No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = frame_to_table(frame, schema) if schema is not None else pa.Table.from_pandas(frame, preserve_index=False)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_file_atomic(path, lambda fh: pq.write_table(table, fh))

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from convmf_core import __version__
+from convmf_core.atomic import replace_directory, staging_directory
 from convmf_core.cnn import build_cnn
 from convmf_core.config import ConvMFConfig, PMFConfig, SGDMFConfig, config_from_dict, config_to_dict
 from convmf_core.data import IdMap
@@ -94,8 +93,7 @@ def save_model(model: Recommender, directory: str | Path, *, vocabulary: Vocabul
     """
     directory = Path(directory)
     tensors, state = _model_state(model)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    tmp = staging_directory(directory)
     try:
         torch.save(tensors, tmp / "weights.pt")
         if vocabulary is not None:
@@ -108,13 +106,7 @@ def save_model(model: Recommender, directory: str | Path, *, vocabulary: Vocabul
                     "metadata": metadata or {},
                     "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,13 +17,13 @@ Everything is vectorised numpy driven by one ``numpy.random.Generator`` tree see
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from convmf_core.atomic import write_file_atomic
 
 __all__ = ["FILLER_WORDS", "SyntheticConfig", "SyntheticData", "generate_catalogue", "write_catalogue"]
 
@@ -309,18 +309,8 @@ def generate_catalogue(config: SyntheticConfig = SyntheticConfig()) -> Synthetic
 
 
 def _write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:
-    """Write ``frame`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``frame`` as CSV to ``path`` atomically (temporary file + rename)."""
+    write_file_atomic(path, lambda fh: frame.to_csv(fh, index=False), text=True)
 
 
 def write_catalogue(data: SyntheticData, directory: Path) -> dict[str, Path]:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
+from convmf_core.atomic import staging_directory
 from convmf_core.config import TextConfig
 from convmf_core.text import Documents, Vocabulary, build_vocabulary, encode_documents
 from tasks.ingest import IngestedData
@@ -61,8 +61,7 @@ def tokenize_items(ingested: IngestedData, text: TextConfig, home: Path, run: Ru
         texts = items["text"].tolist()
         vocab = build_vocabulary(texts, text)
         docs = encode_documents(texts, vocab, text.max_length)
-        tmp = directory.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
+        tmp = staging_directory(directory)
         offsets = pa.array(docs.offsets.astype(np.int32))
         word_ids = pa.ListArray.from_arrays(offsets, pa.array(docs.ids.astype(np.int32)))
         pq.write_table(pa.table({"item_id": pa.array(items["item_id"].tolist(), pa.string()), "word_ids": word_ids}),
