@@ -17,6 +17,8 @@ QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
+    # The ephemeral Prefect server needs ~10 s on an idle 2-core machine, much more under load (default 20 s).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
@@ -54,6 +56,100 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="TrainingParams as JSON (flags above override it)")
 
 
+def _add_stack(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``convmf stack up|down|status``: the local production-like stack (flows/stack.py)."""
+    stack = sub.add_parser("stack", help="a local Prefect + MLflow stack with the deployments and workers",
+                           description="Start, stop or inspect a local production-like stack: a Prefect server and an "
+                                       "MLflow server on 127.0.0.1, the gpu/cpu process work pools, the deployments of "
+                                       "prefect.yaml and one worker per pool. Files go to <home>/stack/.")
+    actions = stack.add_subparsers(dest="stack_command", required=True)
+    home_help = "working directory; the stack keeps its state, stores and logs in <home>/stack " \
+                "(default $CONVMF_HOME or ./convmf-data)"
+    p = actions.add_parser("up", help="start the servers, create the pools, deploy, start the workers",
+                           description="Start the stack and return once every part is healthy (state in "
+                                       "<home>/stack/state.json). Flags override the CONVMF_* environment variables "
+                                       "named in brackets.")
+    p.add_argument("--home", help=home_help)
+    p.add_argument("--host", help="interface both servers bind [CONVMF_STACK_HOST] (default 127.0.0.1)")
+    p.add_argument("--prefect-port", type=int, help="Prefect server port [CONVMF_PREFECT_PORT] (default 4200)")
+    p.add_argument("--mlflow-port", type=int, help="MLflow server port [CONVMF_MLFLOW_PORT] (default 5000)")
+    p.add_argument("--backend-store-uri", help="MLflow tracking/registry store [CONVMF_MLFLOW_BACKEND_STORE_URI] "
+                                               "(default sqlite:///<home>/stack/mlflow.db)")
+    p.add_argument("--artifacts-destination", help="where MLflow stores artifacts "
+                                                   "[CONVMF_MLFLOW_ARTIFACTS_DESTINATION] (default "
+                                                   "<home>/stack/mlartifacts)")
+    p.add_argument("--prefect-home", help="PREFECT_HOME of the stack, holds the Prefect database "
+                                          "[CONVMF_PREFECT_HOME] (default <home>/stack/prefect)")
+    p.add_argument("--log-dir", help="log files of every process [CONVMF_STACK_LOG_DIR] (default <home>/stack/logs)")
+    p.add_argument("--timezone", help="time zone of the nightly-retrain cron [CONVMF_TIMEZONE] (default UTC)")
+    p.add_argument("--gpu-devices", help="CUDA_VISIBLE_DEVICES of gpu-pool runs [CONVMF_GPU_DEVICES] (default 0)")
+    p.add_argument("--timeout", type=float, dest="startup_timeout_s",
+                   help="seconds to wait for each part to start [CONVMF_STACK_STARTUP_TIMEOUT] (default 240)")
+    p = actions.add_parser("down", help="stop the workers, then the servers; leaves no process behind",
+                           description="Stop the stack: workers first, then both servers (SIGTERM, wait, SIGTERM "
+                                       "again, wait, SIGKILL, for each process group).")
+    p.add_argument("--home", help=home_help)
+    p.add_argument("--timeout", type=float, dest="stop_timeout_s",
+                   help="seconds to wait after each SIGTERM (default 10, or as given to `up`)")
+    p = actions.add_parser("status", help="which processes run, server health, online workers",
+                           description="Report the stack's processes, the servers' health checks and the workers "
+                                       "the Prefect server sees online.")
+    p.add_argument("--home", help=home_help)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _stack_home(args: argparse.Namespace) -> str:
+    return args.home or os.environ.get("CONVMF_HOME") or os.path.join(os.getcwd(), "convmf-data")
+
+
+def _run_stack(args: argparse.Namespace) -> int:
+    """``convmf stack ...``: parse, call flows.stack, print."""
+    from flows import stack
+
+    if args.stack_command == "up":
+        options = {key: getattr(args, key) for key in ("host", "prefect_port", "mlflow_port", "backend_store_uri",
+                                                       "artifacts_destination", "prefect_home", "log_dir",
+                                                       "timezone", "gpu_devices", "startup_timeout_s")}
+        config = stack.StackConfig.from_env(home=_stack_home(args), **options)
+        try:
+            state = stack.up(config, echo=lambda message: print(message, flush=True))
+        except stack.StackError as exc:
+            print(f"stack up failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"\nstack up in {state['timings_s']['total']:.0f} s (state: {config.state_path})")
+        print(f"  Prefect UI:  {config.prefect_url}   (export PREFECT_API_URL={config.prefect_api_url})")
+        print(f"  MLflow UI:   {config.mlflow_url}   (export MLFLOW_TRACKING_URI={config.mlflow_url})")
+        print(f"  deployments: {', '.join(state['deployments'])}")
+        print(f"  logs:        {state['log_dir']}")
+        print("  stop with:   convmf stack down" + (f" --home {config.home}" if args.home else ""))
+        return 0
+    if args.stack_command == "down":
+        report = stack.down(_stack_home(args), args.stop_timeout_s)
+        if not report["stopped"]:
+            print(report.get("note", "nothing to stop"))
+            return 0
+        for name, how in report["stopped"].items():
+            print(f"  {name}: {how}")
+        if report["left"]:
+            print(f"still running: {report['left']}", file=sys.stderr)
+            return 1
+        print(f"stack down in {report['seconds']:.1f} s; no process left")
+        return 0
+    report = stack.status(_stack_home(args))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif "processes" not in report:
+        print(report["note"])
+    else:
+        print(f"Prefect {report['prefect']['url']}: {'healthy' if report['prefect']['healthy'] else 'DOWN'}")
+        print(f"MLflow  {report['mlflow']['url']}: {'healthy' if report['mlflow']['healthy'] else 'DOWN'}")
+        for pool, names in report["workers_online"].items():
+            print(f"pool {pool}: {', '.join(names) or 'no worker online'}")
+        for name, p in report["processes"].items():
+            print(f"  {name} (pid {p['pid']}): {'running' if p['running'] else 'stopped'}  log {p['log']}")
+    return 0 if report["running"] else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and ``--help``)."""
     parser = argparse.ArgumentParser(prog="convmf", description=__doc__.split("\n")[0])
@@ -76,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-date", help="output partition date, YYYY-MM-DD (default today)")
     p = sub.add_parser("rollback", help="move the champion alias back to the previous champion version")
     _add_common(p)
+    _add_stack(sub)
     return parser
 
 
@@ -84,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if args.command == "stack":
+        return _run_stack(args)
     # Imported here, not at module top: the environment above must be in place before Prefect reads its settings.
     from flows.params import NightlyParams, ScoringParams, StorageParams, TrainingParams
 

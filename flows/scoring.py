@@ -55,6 +55,6 @@ def scoring_flow(params: ScoringParams = ScoringParams()) -> Path:
     # Keeps the parts of an interrupted run of the same plan; clears anything else (stale parts never get committed).
     staging = open_staging(out_dir / "_staging" / partition, model, shards, params.n)
     seen = index_seen(model, params.users_per_shard, staging)
-    parts = score_shards.with_options(task_runner=shard_task_runner(params))(model, shards, params.n,
-                                                                             params.block_size, staging, seen)
+    score_all = score_shards.with_options(task_runner=shard_task_runner(params))
+    parts = score_all(model, shards, params.n, params.block_size, staging, seen)
     return commit_scores(parts, staging, out_dir / partition, model, params.n)

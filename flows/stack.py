@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POOLS = ("gpu", "cpu")
@@ -257,6 +257,15 @@ def stop_groups(records: Iterable[ProcessRecord], timeout_s: float = 10.0,
     return outcome
 
 
+def stop_in_order(records: Iterable[ProcessRecord], timeout_s: float = 10.0) -> dict[str, str]:
+    """Stop the workers first (a Prefect worker whose server is gone hangs), then the servers; see
+    :func:`stop_groups` for each step and the outcomes returned."""
+    records = list(records)
+    stopped = stop_groups([r for r in records if r.role == "worker"], timeout_s)
+    stopped.update(stop_groups([r for r in records if r.role != "worker"], timeout_s))
+    return stopped
+
+
 def _environment(config: StackConfig) -> dict[str, str]:
     """The environment of every stack process: ours, quiet, pointed at this stack's servers and stores."""
     env = {**DEFAULT_ENV, **os.environ, **QUIET_ENV}
@@ -299,6 +308,8 @@ def port_is_free(host: str, port: int) -> bool:
     """Whether ``host:port`` can be bound now (nothing listens there)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the servers bind: connections of a stopped server in TIME_WAIT do not count, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -351,7 +362,8 @@ def online_workers(config: StackConfig, pool: str) -> list[str]:
     return [w["name"] for w in workers if w.get("status") == "ONLINE"]
 
 
-def _wait(what: str, ready: Any, watched: list[tuple[subprocess.Popen, ProcessRecord]], timeout_s: float) -> float:
+def _wait(what: str, ready: Callable[[], bool], watched: list[tuple[subprocess.Popen, ProcessRecord]],
+          timeout_s: float) -> float:
     """Poll ``ready()`` until true; fail early if a watched process exits. Returns the seconds waited."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
@@ -420,7 +432,7 @@ def _config_of(state: Mapping[str, Any]) -> StackConfig:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def up(config: StackConfig, echo: Any = None) -> dict[str, Any]:
+def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Start the stack (servers, pools, deployments, workers) and return its state (also in ``state.json``).
 
     Fails with :class:`StackError` if a stack is already running under the same home, a port is taken, the
@@ -459,6 +471,7 @@ def up(config: StackConfig, echo: Any = None) -> dict[str, Any]:
         "timings_s": timings,
     }
     started: list[tuple[subprocess.Popen, ProcessRecord]] = []
+    helpers: list[subprocess.Popen] = []  # short-lived commands (work-pool create), killed if `up` is interrupted
 
     def start(name: str, role: str, command: list[str]) -> tuple[subprocess.Popen, ProcessRecord]:
         proc, record = _spawn(name, role, command, env, logs / f"{name}.log", config.project_root)
@@ -486,6 +499,7 @@ def up(config: StackConfig, echo: Any = None) -> dict[str, Any]:
                                    "--overwrite"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, env=env, cwd=str(config.project_root))
                  for pool in POOLS]
+        helpers.extend(pools)
         for pool, proc in zip(POOLS, pools):
             try:
                 out, _ = proc.communicate(timeout=config.startup_timeout_s)
@@ -519,7 +533,11 @@ def up(config: StackConfig, echo: Any = None) -> dict[str, Any]:
         state["ready_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         _write_state(config, state)
     except BaseException:
-        stop_groups([r for _, r in reversed(started)], config.stop_timeout_s)
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait()
+        stop_in_order([r for _, r in started], config.stop_timeout_s)
         for proc, _ in started:
             _reap(proc.pid)
         raise
@@ -536,8 +554,7 @@ def down(home: Path | str, stop_timeout_s: float | None = None) -> dict[str, Any
     timeout = config.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
     records = records_of(state)
     t0 = time.monotonic()
-    stopped = stop_groups([r for r in records if r.role == "worker"], timeout)
-    stopped.update(stop_groups([r for r in records if r.role != "worker"], timeout))
+    stopped = stop_in_order(records, timeout)
     left = {r.name: group_members(r.pgid) for r in records if is_running(r)}
     report = {"stopped": stopped, "left": left, "seconds": round(time.monotonic() - t0, 2),
               "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

@@ -468,12 +468,14 @@ def test_cli_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith(f"usage: convmf{' ' + argv[0] if len(argv) > 1 else ''}")
     if len(argv) == 1:
         assert all(cmd in out for cmd in SUBCOMMANDS)
+    elif argv[0] == "stack":  # the stack runs its own MLflow server: no --tracking-uri, but its own actions
+        assert all(action in out for action in ("up", "down", "status"))
     else:
         assert "--home" in out and "--tracking-uri" in out
 
 
 def test_cli_knows_every_subcommand() -> None:
-    assert SUBCOMMANDS == ["demo", "nightly", "rollback", "score", "train"]
+    assert SUBCOMMANDS == ["demo", "nightly", "rollback", "score", "stack", "train"]
 
 
 def test_cli_without_a_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
