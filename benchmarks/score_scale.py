@@ -15,8 +15,8 @@ bundle (factors plus the two bias columns: the matrix products have k+2 = 52 col
 ``--seen-per-user`` random rated items per user that the lists must leave out.
 
 The table gives users/s, seconds, peak RSS per worker process, the ratio to the thread-runner baseline and the
-FLOP floor: 2*U*I*(k+2) flops at the GFLOP/s of a 4096^3 fp32 matmul measured in the same run (on the cores the
-configuration uses).
+FLOP floor: 2*U*I*(k+2) flops at the GFLOP/s of a 4096^3 fp32 matmul measured in the same run: on all torch threads
+for the thread runner, one thread times the worker count for Dask.
 """
 
 from __future__ import annotations
@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=1024, help="users per matrix product")
     parser.add_argument("--threads", type=int, default=None, help="baseline thread runner's shards at once "
                         "(default: ScoringParams' default)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Dask worker counts")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Dask worker counts")
+    parser.add_argument("--no-threads", action="store_true", help="skip the thread-runner baseline (ratios are "
+                        "then to the first Dask configuration)")
     parser.add_argument("--workdir", default=None, help="where data and parts go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -219,12 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = make_data(workdir / "data", args.users, args.items, args.factors, args.seen_per_user)
     print(f"data: {args.users:,} users x {args.items:,} items, k={args.factors}, {args.seen_per_user} seen/user "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
-    gflops = {1: matmul_gflops(1), 2: matmul_gflops(2)}
-    print(f"4096^3 fp32 matmul: {gflops[1]:.0f} GFLOP/s on 1 thread, {gflops[2]:.0f} on 2", flush=True)
+    import torch
+
+    cpus = torch.get_num_threads()  # what the thread runner's torch uses; a Dask worker's torch uses 1
+    gflops = {1: matmul_gflops(1), cpus: matmul_gflops(cpus)}
+    print(f"4096^3 fp32 matmul: {gflops[1]:.0f} GFLOP/s on 1 thread, {gflops[cpus]:.0f} on {cpus}", flush=True)
 
     common = {"n": args.n, "users_per_shard": users_per_shard, "block_size": args.block_size}
-    configs = [{"name": "threads", "runner": "threads", "threads": threads, "workers": 1, "cores": 2, **common}]
-    configs += [{"name": f"dask-{w}", "runner": "dask", "workers": w, "threads": 1, "cores": w, **common}
+    configs = [] if args.no_threads else [{"name": "threads", "runner": "threads", "threads": threads,
+                                            "workers": 1, "cores": cpus, **common}]
+    configs += [{"name": f"dask-{w}", "runner": "dask", "workers": w, "threads": 1, "cores": min(w, cpus), **common}
                 for w in args.workers]
     results = []
     with prefect_test_harness(server_startup_timeout=120):
@@ -241,19 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     flops = 2 * args.users * args.items * (args.factors + 2)
     base = results[0][1]["seconds"]
     print()
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch intra-op threads per Dask worker: 1")
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; torch threads: {cpus} in the thread runner's "
+          f"process, 1 per Dask worker")
     print(f"{args.users:,} users x {args.items:,} items, k={args.factors} (+2 bias columns), top-{args.n}, "
           f"{args.shards} shards of {users_per_shard:,}, block {args.block_size}; "
-          f"matmul {gflops[1]:.0f} GFLOP/s (1 thread), {gflops[2]:.0f} (2 threads)")
+          f"matmul {gflops[1]:.0f} GFLOP/s (1 thread), {gflops[cpus]:.0f} ({cpus} threads)")
     print()
     print("| configuration | processes x threads | seconds | users/s | users/s per core | peak RSS per worker (MB) "
-          "| vs threads | FLOP floor (s) |")
+          f"| vs {results[0][0]['name']} | FLOP floor (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for config, result in results:
         seconds = result["seconds"]
-        shape = f"1 x {config['threads']} (torch 2)" if config["runner"] == "threads" else f"{config['workers']} x 1"
+        shape = f"1 x {config['threads']} (torch {cpus})" if config["runner"] == "threads" else f"{config['workers']} x 1"
         rss = "/".join(f"{r / 2**20:,.0f}" for r in result["worker_peak_rss"])
-        floor = flops / (gflops[min(config["cores"], 2)] * 1e9) if config["cores"] <= 2 else float("nan")
+        rate = gflops[cpus] if config["runner"] == "threads" else gflops[1] * config["cores"]
+        floor = flops / (rate * 1e9)
         print(f"| {config['name']} | {shape} | {seconds:,.1f} | {args.users / seconds:,.0f} | "
               f"{args.users / seconds / config['cores']:,.0f} | {rss} | {base / seconds:.2f} | {floor:,.1f} |")
     print(f"\nseen pairs split by shard once per run: {results[0][1]['seen_seconds']:.1f} s "

@@ -13,8 +13,8 @@ version, ``n``, the shard ranges): a rerun with the same plan keeps the parts of
 only the others; any other plan (a new champion, another shard size or ``n``) clears the staging directory first.
 Either way every user is in exactly one committed part.
 
-Shards may run in other processes (a Dask cluster): the staging directory must be on storage every worker sees
-(the local disk for a local cluster, a shared filesystem for a remote one). Each worker process loads the model
+Shards may run in other processes (a Dask cluster): the downloaded model and the staging directory must be at the
+same path on storage every worker sees (the local disk for a local cluster, a shared filesystem for a remote one). Each worker process loads the model
 once (:func:`_scorer`) and each shard reads only its own users' rated pairs, so a worker's memory is the model's
 factors plus one block of scores, however large the seen table is.
 """
