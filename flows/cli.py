@@ -195,15 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         scoring = {"n": args.n} if getattr(args, "n", None) else {}
         result = nightly_flow(NightlyParams(training=training, scoring=ScoringParams.model_validate(scoring)))
         t = result.training
-        print(f"\nmodel {t.version.name} v{t.version.version}: validation RMSE {t.trained.best_validation_rmse:.4f}, "
-              f"test RMSE {t.metrics['rmse']:.4f}; {t.decision.reason}")
+        if t.skipped:
+            print(f"\nmodel {t.version.name} v{t.version.version}: {t.skipped}")
+        else:
+            print(f"\nmodel {t.version.name} v{t.version.version}: validation RMSE "
+                  f"{t.trained.best_validation_rmse:.4f}, test RMSE {t.metrics['rmse']:.4f}; {t.decision.reason}")
         print(f"scores: {result.scores}")
         print(f"MLflow: {StorageParams.model_validate(training.storage.model_dump()).resolved_tracking_uri()}")
     elif args.command == "train":
         from flows.training import training_flow
 
         result = training_flow(TrainingParams.model_validate(_training_params(args)))
-        print(f"model {result.version.name} v{result.version.version}: {result.decision.reason}")
+        print(f"model {result.version.name} v{result.version.version}: "
+              f"{result.skipped or result.decision.reason}")
     elif args.command == "score":
         from flows.scoring import scoring_flow
 

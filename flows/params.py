@@ -4,6 +4,17 @@ renders each model as a form.
 Every path and URI has a local default resolved when a run starts (never at import time): the working directory
 is ``$CONVMF_HOME`` or ``./convmf-data`` under the current directory; MLflow defaults to
 ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlartifacts``.
+
+Parameters are untrusted input (anyone with the Prefect UI can set them), so they are confined at validation, before
+any work starts:
+
+* **Paths** (``data.ratings_path``, ``data.items_path``, ``storage.home``, a local ``storage.tracking_uri``) never
+  contain a ``..`` component. The allowed roots are ``$CONVMF_DATA_ROOTS`` (directories separated by
+  ``os.pathsep``). When it is set, ``storage.home`` and the data files must lie under one of them; when it is unset,
+  ``storage.home`` is the operator's choice and data files must lie under the working directory (home) or the
+  current directory. Paths are compared after resolving symbolic links.
+* **Names** (model, alias, experiment) match :data:`NAME_PATTERN`; **sizes** (top-N, batch sizes, epochs,
+  iterations, users per shard, seeds ...) have upper bounds.
 """
 
 from __future__ import annotations
@@ -12,10 +23,11 @@ import datetime as dt
 import os
 import re
 from dataclasses import replace
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from convmf_core.config import ConvMFConfig, TextConfig
 from convmf_core.ingest import IngestConfig
@@ -23,6 +35,55 @@ from convmf_core.ingest import IngestConfig
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # A Dask scheduler: tcp://host:port (or tls://, ws://, wss://, ucx://), or host:port.
 DASK_ADDRESS_PATTERN = r"^((tcp|tls|ws|wss|ucx)://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$"
+DATA_ROOTS_ENV = "CONVMF_DATA_ROOTS"
+MAX_PATH_LENGTH = 4096
+MAX_SEED = 2**32 - 1
+
+
+def configured_roots() -> list[Path] | None:
+    """The directories of ``$CONVMF_DATA_ROOTS`` (resolved), or ``None`` when it is unset or empty."""
+    raw = os.environ.get(DATA_ROOTS_ENV, "")
+    roots = [Path(entry).expanduser().resolve() for entry in raw.split(os.pathsep) if entry.strip()]
+    return roots or None
+
+
+def _no_parent_components(value: str | None, what: str) -> str | None:
+    """Refuse ``..`` anywhere in a path parameter (and NUL bytes)."""
+    if value is None:
+        return value
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL byte")
+    if ".." in Path(value).parts or ".." in value.replace("\\", "/").split("/"):
+        raise ValueError(f"{what}={value!r}: '..' components are not allowed in paths")
+    return value
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def confine_path(value: str, what: str, roots: list[Path]) -> Path:
+    """``value`` (relative paths are taken from the current directory) resolved, if it lies under one of ``roots``;
+    otherwise a ``ValueError`` that names the parameter, the path and the allowed roots."""
+    _no_parent_components(value, what)
+    path = Path(value).expanduser()
+    resolved = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    if not _under(resolved, roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise ValueError(f"{what}={value!r} is outside the allowed roots ({allowed}); put the file under one of them "
+                         f"or add its directory to ${DATA_ROOTS_ENV} (separated by {os.pathsep!r})")
+    return resolved
+
+
+def _local_store_path(uri: str) -> str | None:
+    """The local path of a ``sqlite:///`` or ``file:`` tracking URI, or of a bare path; ``None`` for a server URI."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):] or None  # sqlite:////abs/path -> /abs/path; sqlite:///rel -> rel
+    if uri.startswith("file:"):
+        return urlparse(uri).path or None
+    if "://" in uri:
+        return None
+    return uri
 
 
 class _Params(BaseModel):
@@ -32,14 +93,42 @@ class _Params(BaseModel):
 class StorageParams(_Params):
     """Where the pipeline keeps its files and tracks its runs."""
 
-    home: str | None = Field(None, description="Working directory (default $CONVMF_HOME or ./convmf-data)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
-                                                        "sqlite:///<home>/mlflow.db)")
+    home: str | None = Field(None, max_length=MAX_PATH_LENGTH,
+                             description="Working directory (default $CONVMF_HOME or ./convmf-data); under "
+                                         "$CONVMF_DATA_ROOTS when that is set")
+    tracking_uri: str | None = Field(None, max_length=MAX_PATH_LENGTH,
+                                     description="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                                                 "sqlite:///<home>/mlflow.db); a local store must lie under home, "
+                                                 "the current directory or $CONVMF_DATA_ROOTS")
     experiment: str = Field("convmf", pattern=NAME_PATTERN, description="MLflow experiment name")
+
+    @field_validator("home")
+    @classmethod
+    def _home_has_no_parent(cls, value: str | None) -> str | None:
+        return _no_parent_components(value, "storage.home")
+
+    @model_validator(mode="after")
+    def _confined(self) -> "StorageParams":
+        roots = configured_roots()
+        if self.home is not None and roots is not None:
+            confine_path(self.home, "storage.home", roots)
+        if self.tracking_uri is not None:
+            local = _local_store_path(self.tracking_uri)
+            if local is not None:
+                confine_path(local, f"storage.tracking_uri ({self.tracking_uri!r}) local store", self.allowed_roots())
+        return self
+
+    def home_path(self) -> Path:
+        """The resolved working directory (not created)."""
+        return Path(self.home or os.environ.get("CONVMF_HOME") or Path.cwd() / "convmf-data").expanduser().resolve()
+
+    def allowed_roots(self) -> list[Path]:
+        """Where path parameters may point: ``$CONVMF_DATA_ROOTS`` when set, else home and the current directory."""
+        return configured_roots() or [self.home_path(), Path.cwd().resolve()]
 
     def home_dir(self) -> Path:
         """The resolved working directory (created if needed)."""
-        path = Path(self.home or os.environ.get("CONVMF_HOME") or Path.cwd() / "convmf-data").resolve()
+        path = self.home_path()
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -57,15 +146,22 @@ class DataParams(_Params):
 
     source: Literal["builtin", "files"] = Field("builtin", description="'builtin' generates a catalogue whose "
                                                 "ratings depend on its descriptions; 'files' reads the paths below")
-    ratings_path: str | None = Field(None, description="Ratings file (CSV/TSV/JSONL/Parquet/MovieLens)")
-    items_path: str | None = Field(None, description="Item descriptions file")
+    ratings_path: str | None = Field(None, max_length=MAX_PATH_LENGTH,
+                                     description="Ratings file (CSV/TSV/JSONL/Parquet/MovieLens), under home, the "
+                                                 "current directory or $CONVMF_DATA_ROOTS")
+    items_path: str | None = Field(None, max_length=MAX_PATH_LENGTH, description="Item descriptions file (same roots)")
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "movielens-100k", "movielens-1m",
                     "movielens-latest"] = "auto"
     rating_min: float = 1.0
     rating_max: float = 5.0
     builtin_users: int = Field(600, ge=10, le=1_000_000)
     builtin_items: int = Field(500, ge=10, le=1_000_000)
-    builtin_seed: int = 0
+    builtin_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("ratings_path", "items_path")
+    @classmethod
+    def _no_parent(cls, value: str | None, info) -> str | None:
+        return _no_parent_components(value, f"data.{info.field_name}")
 
     @model_validator(mode="after")
     def _paths_for_files(self) -> "DataParams":
@@ -113,7 +209,7 @@ class ModelParams(_Params):
     dropout: float = Field(_LIBRARY.cnn.dropout, ge=0.0, lt=1.0)
     batch_size: int = Field(_LIBRARY.cnn.batch_size, ge=1, le=8192)
     learning_rate: float = Field(_LIBRARY.cnn.learning_rate, gt=0, le=1.0)
-    seed: int = _LIBRARY.seed
+    seed: int = Field(_LIBRARY.seed, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def config(self) -> ConvMFConfig:
@@ -137,7 +233,7 @@ class SplitParams(_Params):
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     cold_item_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of rated items whose ratings all go "
                                       "to validation/test, to measure cold-start quality (0 = the paper's split)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class TrainingParams(_Params):
@@ -150,6 +246,23 @@ class TrainingParams(_Params):
     split: SplitParams = SplitParams()
     eval_n: int = Field(10, ge=1, le=1000, description="N of the top-N metrics")
     storage: StorageParams = StorageParams()
+
+    @model_validator(mode="after")
+    def _data_paths_confined(self) -> "TrainingParams":
+        """Data files must lie under home, the current directory, or $CONVMF_DATA_ROOTS when that is set."""
+        roots = self.storage.allowed_roots()
+        for name in ("ratings_path", "items_path"):
+            value = getattr(self.data, name)
+            if value is not None:
+                confine_path(value, f"data.{name}", roots)
+        return self
+    # The sanity gate before training (tasks/guards.py): a collapsed or badly broken input stops the run.
+    gate_max_ratings_drop: float = Field(0.5, ge=0.0, le=1.0, description="Stop before training when accepted "
+                                         "ratings fell by more than this share against the last successful run")
+    gate_max_quarantine_share: float = Field(0.2, ge=0.0, le=1.0, description="Stop before training when more "
+                                             "than this share of a file's rows was quarantined")
+    override_gate: bool = Field(False, description="Train even when the sanity gate fails (a deliberate "
+                                "catalogue change); the failure is still logged and tagged")
 
 
 class ScoringParams(_Params):

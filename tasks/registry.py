@@ -21,8 +21,10 @@ highest mean predicted rating; an unknown item in a rating request is likewise t
 cannot be converted, a bad ``n``) raises :class:`~mlflow.exceptions.MlflowException` with
 ``INVALID_PARAMETER_VALUE``, which MLflow's scoring server turns into HTTP 400.
 
-The registry helpers assume one writer at a time per registered model (the pipeline's deployment runs with a
-concurrency limit of 1): reading the champion and moving the alias are two requests, not one transaction.
+The registry helpers assume one writer at a time per registered model (the pipeline's deployments run with a
+concurrency limit of 1, ``collision_strategy: ENQUEUE``): reading the champion and moving the alias are two requests,
+not one transaction. :func:`promote` narrows the window further by reading the alias again right before moving it
+and comparing again when it moved.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import mlflow
 import numpy as np
@@ -59,6 +61,7 @@ __all__ = [
     "ConvMFPyfunc",
     "ModelVersionInfo",
     "PromotionDecision",
+    "bundle_rmse",
     "get_alias_version",
     "load_champion",
     "log_model_version",
@@ -391,7 +394,12 @@ def get_alias_version(model_name: str, alias: str) -> ModelVersion | None:
 
 @dataclass(frozen=True)
 class PromotionDecision:
-    """Outcome of :func:`promote`: ``markdown`` is a short report for a Prefect artifact."""
+    """Outcome of :func:`promote`: ``markdown`` is a short report for a Prefect artifact.
+
+    ``champion_value`` is the figure the candidate was compared with: the champion re-evaluated on the candidate's
+    validation split when :func:`promote` was given ``champion_metric``, else the champion's recorded figure
+    (``champion_recorded_value``, measured on its own run's data).
+    """
 
     promoted: bool
     reason: str
@@ -402,6 +410,12 @@ class PromotionDecision:
     candidate_value: float
     champion_value: float | None
     markdown: str
+    champion_recorded_value: float | None = None
+    champion_value_source: str = "recorded"  # "recorded", "this run's validation split" or "none"
+    baseline_value: float | None = None  # the global-mean predictor on the same split
+    attempts: int = 1  # comparisons made (more than one when the champion moved during the decision)
+    time: str = ""
+    run_id: str | None = None
 
 
 def _recorded_metric(client: MlflowClient, version: ModelVersion, metric_name: str) -> float | None:
@@ -425,39 +439,107 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _version_of(found: ModelVersion | None) -> str | None:
+    return None if found is None else str(found.version)  # the SQL store returns an int
+
+
+# Model-version tags of the promotion record (besides TAG_DECISION ... TAG_METRIC above).
+TAG_RUN = "promotion.run_id"
+TAG_CANDIDATE_VALUE = "promotion.candidate_value"
+TAG_CHAMPION_VALUE = "promotion.champion_value"
+TAG_CHAMPION_SOURCE = "promotion.champion_value_source"
+TAG_CHAMPION_RECORDED = "promotion.champion_recorded_value"
+TAG_BASELINE = "promotion.global_mean_value"
+TAG_ATTEMPTS = "promotion.attempts"
+MAX_PROMOTION_ATTEMPTS = 3
+
+
+def _decide(version: str, previous: str | None, candidate: float, champion_value: float | None,
+            baseline: float | None, problems: list[str], metric_name: str,
+            higher_is_better: bool) -> tuple[bool, str]:
+    better = "higher" if higher_is_better else "lower"
+
+    def beats(a: float, b: float) -> bool:
+        return a > b if higher_is_better else a < b
+
+    if previous == version:
+        return False, f"version {version} is already the champion"
+    if problems:
+        return False, "; ".join(problems)
+    if not math.isfinite(candidate):
+        return False, f"{metric_name} is {candidate}, not a finite number"
+    if baseline is not None and math.isfinite(baseline) and not beats(candidate, baseline):
+        return False, (f"{metric_name} {candidate:.4f} is no better than the global-mean predictor's "
+                       f"{baseline:.4f} on the same split")
+    if previous is None:
+        return True, "no champion yet"
+    if champion_value is None or not math.isfinite(champion_value):
+        return True, f"champion version {previous} has no finite {metric_name} recorded"
+    if beats(candidate, champion_value):
+        return True, f"{metric_name} {candidate:.4f} beats the champion's {champion_value:.4f} ({better} is better)"
+    return False, (f"{metric_name} {candidate:.4f} does not beat the champion's {champion_value:.4f} "
+                   f"({better} is better)")
+
+
 def promote(model_name: str, version: str, metric_name: str, candidate_value: float, *,
-            higher_is_better: bool = False) -> PromotionDecision:
+            higher_is_better: bool = False,
+            champion_metric: Callable[[ModelVersion], float | None] | None = None,
+            baseline_value: float | None = None, problems: Sequence[str] = (), run_id: str | None = None,
+            max_attempts: int = MAX_PROMOTION_ATTEMPTS,
+            before_alias_move: Callable[[int], None] | None = None) -> PromotionDecision:
     """Make ``version`` the champion if ``candidate_value`` is finite and strictly beats the champion's metric.
 
-    The champion's metric is its version tag ``metric_name`` (written here on every candidate) or its run's metric.
-    No champion yet, or one without a recorded metric: a finite candidate is promoted. Otherwise the version gets
-    the ``challenger`` alias. NaN or infinite values are never promoted. The decision, reason, previous champion
-    and time are written as model-version tags on ``version``.
+    * The champion's figure: ``champion_metric(champion_version)`` when given (the pipeline evaluates the champion
+      on the candidate's own validation split, so both figures are measured on the same data), else its version
+      tag ``metric_name`` (written here on every candidate) or its run's metric, which is also the fallback when
+      ``champion_metric`` raises. No champion yet, or one without a finite figure: a candidate that passes the
+      checks below is promoted.
+    * Never promoted: NaN or infinite ``candidate_value``; any entry of ``problems`` (e.g. non-finite factors);
+      a candidate no better than ``baseline_value`` (the global-mean predictor on the same split), when given.
+    * Races: right before moving an alias the champion alias is read again; if it moved since the comparison
+      began (another training run promoted meanwhile), the comparison is made again against the new champion, at
+      most ``max_attempts`` times (then nothing is promoted). ``before_alias_move(attempt)`` is called between the
+      comparison and that re-read (a test hook). The primary guard is the deployments' concurrency limit (one
+      training run at a time, ``collision_strategy: ENQUEUE``, prefect.yaml); that limit is per deployment, so this
+      check covers a ``retrain`` overlapping ``nightly-retrain`` and runs started outside the deployments. Reading
+      and moving the alias are still two requests, not one transaction.
+    * Otherwise the version gets the ``challenger`` alias. The decision, reason, previous champion, both figures,
+      the baseline, run id and time are written as model-version tags on ``version`` (a displaced champion gets
+      ``promotion.replaced_by``) and in ``markdown``.
     """
     client = MlflowClient()
     version = str(version)
     candidate = float(candidate_value)
     client.get_model_version(model_name, version)  # fails clearly on an unknown version
     client.set_model_version_tag(model_name, version, metric_name, repr(candidate))
-    current = get_alias_version(model_name, CHAMPION_ALIAS)
-    previous = str(current.version) if current is not None else None  # the SQL store returns an int
-    champion_value = _recorded_metric(client, current, metric_name) if current is not None else None
-    better = "higher" if higher_is_better else "lower"
-
-    if previous == version:
-        promoted, reason = False, f"version {version} is already the champion"
-    elif not math.isfinite(candidate):
-        promoted, reason = False, f"{metric_name} is {candidate}, not a finite number"
-    elif current is None:
-        promoted, reason = True, "no champion yet"
-    elif champion_value is None or not math.isfinite(champion_value):
-        promoted, reason = True, f"champion version {previous} has no finite {metric_name} recorded"
-    elif (candidate > champion_value) if higher_is_better else (candidate < champion_value):
-        promoted, reason = True, (f"{metric_name} {candidate:.4f} beats the champion's {champion_value:.4f} "
-                                  f"({better} is better)")
-    else:
-        promoted, reason = False, (f"{metric_name} {candidate:.4f} does not beat the champion's "
-                                   f"{champion_value:.4f} ({better} is better)")
+    problems = list(problems)
+    race_notes: list[str] = []
+    attempt = 0
+    while True:
+        attempt += 1
+        current = get_alias_version(model_name, CHAMPION_ALIAS)
+        previous = _version_of(current)
+        recorded = _recorded_metric(client, current, metric_name) if current is not None else None
+        champion_value, source = recorded, "recorded" if current is not None else "none"
+        if current is not None and previous != version and champion_metric is not None:
+            try:
+                champion_value, source = champion_metric(current), "this run's validation split"
+            except Exception as exc:  # fall back to its recorded figure: a failed download must not promote
+                source = f"recorded (re-evaluation failed: {type(exc).__name__}: {exc})"[:500]
+        promoted, reason = _decide(version, previous, candidate, champion_value, baseline_value, problems,
+                                   metric_name, higher_is_better)
+        if before_alias_move is not None:
+            before_alias_move(attempt)
+        now = _version_of(get_alias_version(model_name, CHAMPION_ALIAS))
+        if now == previous:
+            break
+        race_notes.append(f"the champion moved from version {previous or 'none'} to {now or 'none'} during "
+                          f"comparison {attempt}")
+        if attempt >= max_attempts:
+            promoted, reason = False, (f"the champion alias kept moving ({attempt} comparisons); "
+                                       f"nothing promoted, rerun to compare again")
+            previous = now
+            break
 
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
@@ -469,30 +551,46 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
         if previous != version:
             client.set_registered_model_alias(model_name, CHALLENGER_ALIAS, version)
         champion_after = previous
+    if race_notes:
+        reason = f"{reason} (re-compared: {'; '.join(race_notes)})"
     decision = CHAMPION_ALIAS if promoted or previous == version else CHALLENGER_ALIAS
-    for key, value in {TAG_DECISION: decision, TAG_REASON: reason, TAG_PREVIOUS_CHAMPION: previous or "",
-                       TAG_TIME: _now(), TAG_METRIC: metric_name}.items():
+    when = _now()
+    tags = {TAG_DECISION: decision, TAG_REASON: reason, TAG_PREVIOUS_CHAMPION: previous or "", TAG_TIME: when,
+            TAG_METRIC: metric_name, TAG_RUN: run_id or "", TAG_CANDIDATE_VALUE: repr(candidate),
+            TAG_CHAMPION_VALUE: "" if champion_value is None else repr(float(champion_value)),
+            TAG_CHAMPION_SOURCE: source, TAG_CHAMPION_RECORDED: "" if recorded is None else repr(float(recorded)),
+            TAG_BASELINE: "" if baseline_value is None else repr(float(baseline_value)), TAG_ATTEMPTS: str(attempt)}
+    for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
+    if promoted and previous is not None:
+        client.set_model_version_tag(model_name, previous, "promotion.replaced_by", version)
+        client.set_model_version_tag(model_name, previous, "promotion.replaced_time", when)
 
     verdict = "promoted to **champion**" if promoted else f"kept as **{decision}**"
     markdown = "\n".join([
         f"### Model `{model_name}` version {version}: {verdict}",
         "",
-        f"| model | version | {metric_name} |",
-        "|---|---|---|",
-        f"| candidate | {version} | {_fmt(candidate)} |",
-        f"| champion before | {previous or 'none'} | {_fmt(champion_value)} |",
+        f"| model | version | {metric_name} | measured on |",
+        "|---|---|---|---|",
+        f"| candidate | {version} | {_fmt(candidate)} | this run's validation split |",
+        f"| champion before | {previous or 'none'} | {_fmt(champion_value)} | {source} |",
+        f"| champion before, as recorded | {previous or 'none'} | {_fmt(recorded)} | its own run's data |",
+        f"| global-mean predictor | - | {_fmt(baseline_value)} | this run's validation split |",
         "",
         f"Reason: {reason}. Champion now: version {champion_after or 'none'}.",
+        "",
+        f"Time: {when}. Run: {run_id or 'n/a'}. Comparisons: {attempt}.",
     ])
     return PromotionDecision(promoted, reason, previous, champion_after, version, metric_name, candidate,
-                             champion_value, markdown)
+                             champion_value, markdown, recorded, source, baseline_value, attempt, when, run_id)
 
 
 def rollback_champion(model_name: str) -> str:
     """Point ``champion`` back at the version it replaced (tag ``promotion.previous_champion``); returns it.
 
-    Raises :class:`ValueError` when there is no champion or it records no previous champion.
+    Raises :class:`ValueError` when there is no champion or it records no previous champion. The move is recorded
+    as tags on both versions: the rolled-back one (decision ``rolled_back``, reason, time) and the restored one
+    (``promotion.restored_time``, ``promotion.restored_from``).
     """
     client = MlflowClient()
     current = get_alias_version(model_name, CHAMPION_ALIAS)
@@ -512,7 +610,21 @@ def rollback_champion(model_name: str) -> str:
     client.set_model_version_tag(model_name, current_version, TAG_REASON, f"rolled back to version {previous}")
     client.set_model_version_tag(model_name, current_version, TAG_TIME, now)
     client.set_model_version_tag(model_name, previous, "promotion.restored_time", now)
+    client.set_model_version_tag(model_name, previous, "promotion.restored_from", current_version)
     return previous
+
+
+def bundle_rmse(bundle_dir: Path, user_ids: np.ndarray, item_ids: np.ndarray, ratings: np.ndarray) -> float:
+    """RMSE of a bundle's predictions of ``ratings`` given by raw ids, computed as the served pyfunc predicts:
+    unknown users/items get the average user/item row (global mean plus the average bias and factors), never
+    an error. Used to evaluate the registry's champion on a new run's validation split."""
+    scorer = _Scorer.load(Path(bundle_dir), None)
+    users = scorer.indices(pd.Series(np.asarray(user_ids, dtype=object)), "user_id", "fallback")
+    items = scorer.indices(pd.Series(np.asarray(item_ids, dtype=object)), "item_id", "fallback")
+    if len(users) == 0:
+        return float("nan")
+    errors = scorer.rate(users, items).astype(np.float64) - np.asarray(ratings, dtype=np.float64)
+    return float(np.sqrt(np.mean(errors ** 2)))
 
 
 def load_champion(model_name: str, alias: str = CHAMPION_ALIAS) -> mlflow.pyfunc.PyFuncModel:

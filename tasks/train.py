@@ -6,8 +6,10 @@ learning curve is logged as an image artifact at the end.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,13 @@ from prefect import get_run_logger, task
 from convmf_core.config import ConvMFConfig, config_to_dict
 from convmf_core.data import IdMap, Ratings, Split, cold_item_split, random_split, ratings_from_frame
 from convmf_core.ingest import write_parquet_atomic
-from convmf_core.models.base import IterationReport, resolve_device
+from convmf_core.models.als_mf import load_checkpoint
+from convmf_core.models.base import IterationReport, ModelFitError, resolve_device
 from convmf_core.models.convmf import ConvMF
 from convmf_core.persistence import save_model
 from tasks.ingest import IngestedData
 from tasks.tokenize import TokenizedData
-from tasks.tracking import RunRef
+from tasks.tracking import RunRef, with_retries
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,58 @@ class TrainedModel:
     iterations: int
     fit_seconds: float
     device: str
+
+
+def checkpoint_key(data_hash: str, tokenize_key: str, config: ConvMFConfig, split: SplitSpec,
+                   device: str) -> str:
+    """sha256 of everything that determines the fitted model: the data, the tokenization, the model configuration
+    (with the device it resolved to) and the split. A rerun of the same training finds the same checkpoint."""
+    spec = {"data_hash": data_hash, "tokenize_key": tokenize_key, "config": config_to_dict(config),
+            "device": device, "split": asdict(split)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_path_for(home: Path, key: str) -> Path:
+    """Where the training checkpoint of :func:`checkpoint_key` ``key`` lives (shared by every run of that key)."""
+    return Path(home) / "checkpoints" / f"{key}.pt"
+
+
+def checkpoint_iteration(path: Path) -> int | None:
+    """The last completed iteration in a usable checkpoint at ``path`` (``None``: absent or unreadable, and an
+    unreadable one is removed so that training starts afresh)."""
+    if not path.is_file():
+        return None
+    try:
+        return int(load_checkpoint(path)["iteration"])
+    except (ModelFitError, KeyError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+
+
+def close_interrupted_run(checkpoint: Path, run: RunRef) -> str | None:
+    """Record ``run`` as the owner of ``checkpoint`` (a JSON file beside it); when another run owned it - a run
+    that was killed, since a finished one deletes its checkpoint - mark that run FAILED (if still RUNNING) and tag
+    it ``resumed_by_run``, so that a reader never takes it for one in progress. Returns the previous owner's id."""
+    owner = checkpoint.with_suffix(".owner.json")
+    previous = None
+    if owner.is_file():
+        try:
+            previous = json.loads(owner.read_text()).get("mlflow_run_id")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+    if previous and previous != run.run_id:
+        try:
+            client = run.client()
+            if with_retries(lambda: client.get_run(previous).info.status, "get run") == "RUNNING":
+                with_retries(lambda: client.set_tag(previous, "resumed_by_run", run.run_id), "set tag")
+                with_retries(lambda: client.set_terminated(previous, status="FAILED"), "end run")
+        except Exception:  # noqa: BLE001 - a run of another store or a deleted one: nothing to close
+            pass
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = owner.with_name(f".{owner.name}.tmp")
+    tmp.write_text(json.dumps({"mlflow_run_id": run.run_id}))
+    tmp.replace(owner)
+    return previous if previous != run.run_id else None
 
 
 def split_ratings(ratings: Ratings, spec: SplitSpec) -> tuple[Split, np.ndarray]:
@@ -132,15 +187,30 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
         run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
                          "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
 
+    # The checkpoint is keyed on what determines the model, not on this run: a run killed mid-training (SIGKILL,
+    # a lost machine) and started again - a new flow run, a new MLflow run - resumes where it stopped.
+    checkpoint = checkpoint_path_for(home, checkpoint_key(ingested.content_hash, tokenized.cache_key, config, split,
+                                                          str(device)))
+    resumed_from = checkpoint_iteration(checkpoint)
+    interrupted = close_interrupted_run(checkpoint, run)
+    if resumed_from is not None:
+        logger.info("resuming training from checkpoint %s after iteration %d (interrupted MLflow run %s)",
+                    checkpoint, resumed_from, interrupted)
+        run.set_tags({"resumed_from_iteration": resumed_from, "resumed_from_checkpoint": checkpoint.name,
+                      **({"resumed_from_run": interrupted} if interrupted else {})})
     t0 = time.perf_counter()
     model = ConvMF(config).fit(train, data_split.validation, documents=documents, vocabulary_size=len(vocabulary),
-                               callback=report, checkpoint_path=out / "checkpoint.pt")
+                               callback=report, checkpoint_path=checkpoint, resume=resumed_from is not None)
     fit_seconds = time.perf_counter() - t0
+    for r in model.history_[:resumed_from or 0]:  # iterations the interrupted run did: this run's curve is whole
+        run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
+                         "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
     best = min((h.validation_rmse for h in model.history_ if h.validation_rmse is not None), default=float("nan"))
     bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
                         metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
                                   "mlflow_run_id": run.run_id, "best_validation_rmse": best})
-    (out / "checkpoint.pt").unlink(missing_ok=True)
+    checkpoint.unlink(missing_ok=True)  # the bundle is saved: the next run of this key trains afresh
+    checkpoint.with_suffix(".owner.json").unlink(missing_ok=True)
     run.log_metrics({"best_validation_rmse": best, "best_iteration": model.best_iteration_,
                      "fit_seconds": fit_seconds, "iterations": len(model.history_)})
     run.log_artifact(learning_curve_png(model.history_, out / "learning_curve.png"), "plots")

@@ -357,7 +357,7 @@ def write_inputs(directory: Path) -> Inputs:
 
 
 def test_ingest_quarantines_every_bad_row_kind(prefect_harness: None, mlflow_template: Path, tmp_path: Path) -> None:
-    inputs = write_inputs(tmp_path / "input")
+    inputs = write_inputs(tmp_path / "home" / "input")  # data files must lie under home (flows/params.py)
     storage = new_storage(mlflow_template, tmp_path / "home")
     result = training_flow(TrainingParams(
         model_name="ingest-test", model=TINY, storage=storage,
@@ -400,8 +400,8 @@ def test_ingest_quarantines_every_bad_row_kind(prefect_harness: None, mlflow_tem
 @pytest.mark.parametrize("role", ["ratings", "items"])
 def test_file_without_a_valid_row_fails_the_training_flow(role: str, prefect_harness: None, mlflow_template: Path,
                                                           tmp_path: Path) -> None:
-    inputs = write_inputs(tmp_path / "input")
-    broken = tmp_path / "input" / f"broken-{role}.csv"
+    inputs = write_inputs(tmp_path / "home" / "input")  # data files must lie under home (flows/params.py)
+    broken = tmp_path / "home" / "input" / f"broken-{role}.csv"
     if role == "ratings":
         broken.write_text("user_id,item_id,rating,timestamp\n1,1,9,1700000000\n1,2,abc,1700000000\n,3,4,\n")
         paths = {"ratings_path": str(broken), "items_path": str(inputs.items)}
