@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
+from convmf_core.atomic import replace_directory
 from convmf_core.data import IdMap, Ratings
 from convmf_core.ingest import write_parquet_atomic
 from convmf_core.models.base import ScoringFactors
@@ -258,13 +258,6 @@ def commit_scores(parts: list[Path], staging_dir: Path, final_dir: Path, model: 
     manifest = {"model_name": model.name, "model_version": model.version, "n": n, "parts": expected, "rows": rows,
                 "committed_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     _write_json_atomic(staging_dir / "_manifest.json", manifest)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final_dir, old)
-    os.replace(staging_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(staging_dir, final_dir)
     get_run_logger().info("committed %d rows in %d parts to %s", rows, len(parts), final_dir)
     return final_dir
