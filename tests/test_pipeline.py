@@ -22,7 +22,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from pydantic import ValidationError
 
 from convmf_core.data import Ratings
@@ -34,6 +33,7 @@ from flows.nightly import NightlyResult, nightly_flow
 from flows.params import (DataParams, ModelParams, NightlyParams, ScoringParams, StorageParams, TrainingParams)
 from flows.scoring import scoring_flow
 from flows.training import TrainingResult, training_flow
+from tests.pipeline_support import Store, client_for, make_store, new_storage
 
 # MLflow 3.17's input-example validation compares DataFrame columns with a range, which pandas 3.1 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")
@@ -48,17 +48,6 @@ TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, ma
 WORSE = TINY.model_copy(update={"n_factors": 1, "lambda_u": 1000.0, "lambda_v": 1000.0, "max_iterations": 1})
 
 
-def new_storage(template: Path, home: Path) -> StorageParams:
-    """A private MLflow store (a copy of the migrated template) and working directory under ``home``."""
-    home.mkdir(parents=True, exist_ok=True)
-    db = home / "mlflow.db"
-    shutil.copyfile(template, db)
-    return StorageParams(home=str(home), tracking_uri=f"sqlite:///{db}")
-
-
-def client_for(storage: StorageParams) -> MlflowClient:
-    uri = storage.resolved_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def read_partition(partition: Path) -> tuple[dict, pd.DataFrame]:
@@ -80,18 +69,11 @@ def _reset_mlflow_uris() -> Iterator[None]:
     mlflow.set_tracking_uri(None)
 
 
-@dataclass(frozen=True)
-class Store:
-    storage: StorageParams
-    home: Path
-    client: MlflowClient
-
 
 @pytest.fixture(scope="module")
 def store(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
     home = tmp_path_factory.mktemp("pipeline")
-    storage = new_storage(mlflow_template, home)
-    return Store(storage, home, client_for(storage))
+    return make_store(mlflow_template, home)
 
 
 @pytest.fixture(scope="module")

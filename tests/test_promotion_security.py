@@ -16,8 +16,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +24,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mlflow import MlflowClient
 from prefect.exceptions import ParameterTypeError
 from pydantic import ValidationError
 
@@ -38,6 +35,7 @@ from flows.scoring import scoring_flow
 from flows.training import TrainingResult, training_flow
 from tasks.register import champion_evaluator, model_problems, use_tracking_uri, validation_set
 from tasks.registry import CHAMPION_ALIAS, get_alias_version, log_model_version, promote
+from tests.pipeline_support import Store, client_for, make_store, new_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")
 
@@ -50,16 +48,6 @@ TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, ma
 WEAK = TINY.model_copy(update={"max_iterations": 1})
 
 
-def new_storage(template: Path, home: Path) -> StorageParams:
-    home.mkdir(parents=True, exist_ok=True)
-    db = home / "mlflow.db"
-    shutil.copyfile(template, db)
-    return StorageParams(home=str(home), tracking_uri=f"sqlite:///{db}")
-
-
-def client_for(storage: StorageParams) -> MlflowClient:
-    uri = storage.resolved_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextlib.contextmanager
@@ -78,18 +66,11 @@ def _reset_mlflow_uris() -> Iterator[None]:
     mlflow.set_tracking_uri(None)
 
 
-@dataclass(frozen=True)
-class Store:
-    storage: StorageParams
-    home: Path
-    client: MlflowClient
-
 
 @pytest.fixture(scope="module")
 def store(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
     home = tmp_path_factory.mktemp("promotion")
-    storage = new_storage(mlflow_template, home)
-    return Store(storage, home, client_for(storage))
+    return make_store(mlflow_template, home)
 
 
 @pytest.fixture(scope="module")

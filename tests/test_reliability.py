@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
 from convmf_core.models.als_mf import load_checkpoint
 from convmf_core.models.base import ModelFitError
@@ -40,6 +38,7 @@ from flows.params import DataParams, ModelParams, NightlyParams, ScoringParams, 
 from flows.training import training_flow
 from tasks.guards import DataGateError, config_hash, evaluate_gate
 from tasks.train import SplitSpec, checkpoint_key
+from tests.pipeline_support import client_for, new_storage
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")
 
@@ -71,16 +70,6 @@ def _reset_mlflow_uris() -> Iterator[None]:
     mlflow.set_tracking_uri(None)
 
 
-def new_storage(template: Path, home: Path) -> StorageParams:
-    """A private MLflow store (a copy of the migrated template) and working directory under ``home``."""
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, home / "mlflow.db")
-    return StorageParams(home=str(home), tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-
-
-def client_for(storage: StorageParams) -> MlflowClient:
-    uri = storage.resolved_tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def runs_of(storage: StorageParams) -> list:
