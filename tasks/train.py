@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from prefect import get_run_logger, task
 
 from convmf_core.config import ConvMFConfig, config_to_dict

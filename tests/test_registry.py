@@ -28,10 +28,10 @@ from convmf_core.persistence import save_model
 from convmf_core.synthetic import SyntheticConfig, generate_catalogue
 from convmf_core.text import build_vocabulary, encode_documents
 from tasks import registry
+from tasks.pyfunc import ConvMFPyfunc
 from tasks.registry import (
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
-    ConvMFPyfunc,
     get_alias_version,
     load_champion,
     log_model_version,
