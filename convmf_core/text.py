@@ -35,11 +35,15 @@ __all__ = [
     "ENGLISH_STOP_WORDS",
     "PAD_ID",
     "Documents",
+    "TermCounts",
     "Vocabulary",
     "build_vocabulary",
+    "count_terms",
     "encode_documents",
     "load_word_vectors",
+    "merge_term_counts",
     "tokenize",
+    "vocabulary_from_counts",
 ]
 
 PAD_ID: int = 0
@@ -234,6 +238,38 @@ def build_vocabulary(texts: Sequence[str | None], config: TextConfig = TextConfi
     Words are ordered by score descending, ties broken alphabetically, so the result is deterministic.
     An empty corpus (or one with no words left) gives an empty vocabulary.
     """
+    return vocabulary_from_counts(count_terms(texts, config), config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded vocabulary: count the terms of item shards separately (in parallel), merge, then rank
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TermCounts:
+    """What :func:`build_vocabulary` needs from a run of documents (one shard of a catalogue, or all of it).
+
+    For every distinct (document, word) pair, in document order and, within a document, in the order of the word's
+    first occurrence: ``codes`` (an index into ``words``) and ``counts`` (occurrences). ``doc_n_words[d]`` is the
+    number of distinct words document ``d`` kept (after truncation to ``max_length`` and stop-word removal).
+    Plain numpy arrays, so a shard's counts travel cheaply between processes.
+    """
+
+    words: np.ndarray  # object: the distinct words of these documents
+    codes: np.ndarray  # int64, one per (document, word) pair
+    counts: np.ndarray  # int64, one per (document, word) pair
+    doc_n_words: np.ndarray  # int64, one per document
+
+    def __len__(self) -> int:
+        """Number of documents."""
+        return int(self.doc_n_words.size)
+
+
+def count_terms(texts: Sequence[str | None], config: TextConfig = TextConfig()) -> TermCounts:
+    """Tokenize ``texts`` (first ``config.max_length`` raw tokens, stop words dropped) and count each document's
+    words: the expensive, per-document part of :func:`build_vocabulary`, which can run on shards of a catalogue in
+    parallel; :func:`merge_term_counts` puts the shards back together."""
     _check_config(config)
     stop = ENGLISH_STOP_WORDS if config.remove_stop_words else frozenset()
     pair_word: list[str] = []  # one entry per distinct (document, word)
@@ -247,16 +283,44 @@ def build_vocabulary(texts: Sequence[str | None], config: TextConfig = TextConfi
         pair_word.extend(counts.keys())
         pair_count.extend(counts.values())
         doc_n_words.append(len(counts))
-    n_docs = len(doc_n_words)
-    if not pair_word or config.vocab_size == 0:
+    codes, uniques = pd.factorize(np.asarray(pair_word, dtype=object), sort=False)
+    return TermCounts(np.asarray(uniques, dtype=object), codes.astype(np.int64),
+                      np.asarray(pair_count, dtype=np.int64), np.asarray(doc_n_words, dtype=np.int64))
+
+
+def merge_term_counts(parts: Sequence[TermCounts]) -> TermCounts:
+    """The counts of ``parts``' documents one after the other (shards in catalogue order). The pairs keep their
+    order, so :func:`vocabulary_from_counts` adds the same numbers in the same order as for one unsharded count,
+    and the vocabulary is identical to the single-process one."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return TermCounts(np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                          np.zeros(0, dtype=np.int64))
+    global_codes, words = pd.factorize(np.concatenate([np.asarray(p.words, dtype=object) for p in parts]),
+                                       sort=False)
+    codes, start = [], 0
+    for part in parts:  # each shard's local codes -> codes of the merged word list
+        local_to_global = global_codes[start:start + len(part.words)].astype(np.int64)
+        codes.append(local_to_global[part.codes])
+        start += len(part.words)
+    return TermCounts(np.asarray(words, dtype=object), np.concatenate(codes),
+                      np.concatenate([p.counts for p in parts]), np.concatenate([p.doc_n_words for p in parts]))
+
+
+def vocabulary_from_counts(terms: TermCounts, config: TextConfig = TextConfig()) -> Vocabulary:
+    """The vocabulary of :func:`build_vocabulary` from the (merged) term counts of the whole corpus: drop words
+    above ``config.max_df``, rank the rest by corpus-level tf-idf, keep the ``config.vocab_size`` best."""
+    _check_config(config)
+    n_docs = len(terms)
+    if terms.codes.size == 0 or config.vocab_size == 0:
         return Vocabulary((), config)
 
-    codes, uniques = pd.factorize(np.asarray(pair_word, dtype=object), sort=False)
-    words = codes.astype(np.int64)
-    vocab_words = np.asarray(uniques, dtype=object)  # object, not fixed-width str: one long token costs nothing
+    words = terms.codes
+    vocab_words = terms.words  # object, not fixed-width str: one long token costs nothing
     n_words = vocab_words.size
-    counts_arr = np.asarray(pair_count, dtype=np.float64)
-    docs = np.repeat(np.arange(n_docs, dtype=np.int64), np.asarray(doc_n_words, dtype=np.int64))
+    counts_arr = terms.counts.astype(np.float64)
+    docs = np.repeat(np.arange(n_docs, dtype=np.int64), terms.doc_n_words)
     df = np.bincount(words, minlength=n_words)
     keep_word = df <= config.max_df * n_docs
     keep_pair = keep_word[words]

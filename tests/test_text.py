@@ -274,3 +274,60 @@ def test_load_word_vectors_dimension_mismatch(tmp_path) -> None:
     header.write_text("1 3\ncat 1 2 3\n", encoding="utf-8")
     with pytest.raises(ValueError, match="dimension 3"):
         load_word_vectors(header, Vocabulary(("cat",)), 2)
+
+
+# --- sharded vocabulary and encoding (issue 4) -----------------------------------------------------------------------
+
+
+def _corpus(n_docs: int, seed: int) -> list[str | None]:
+    """Random descriptions over a small word list: many equal counts (ties in tf-idf), stop words, repeats,
+    punctuation and case, a few missing or empty texts."""
+    rng = np.random.default_rng(seed)
+    lexicon = [f"w{i}" for i in range(60)] + ["The", "and", "of", "Don't", "café", "x-ray"]
+    texts: list[str | None] = []
+    for d in range(n_docs):
+        if d % 17 == 5:
+            texts.append(None if d % 2 else "")
+            continue
+        words = rng.choice(lexicon, size=int(rng.integers(1, 40)), p=None)
+        texts.append(", ".join(words) + ("!" if d % 3 else ""))
+    return texts
+
+
+def _shards(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+@pytest.mark.parametrize("config", [TextConfig(), TextConfig(max_length=12, max_df=0.3, vocab_size=25),
+                                    NO_FILTER])
+@pytest.mark.parametrize("shard_size", [1, 7, 50, 1000])
+def test_sharded_vocabulary_is_identical_to_the_single_process_one(config: TextConfig, shard_size: int) -> None:
+    from convmf_core.text import count_terms, merge_term_counts, vocabulary_from_counts
+
+    texts = _corpus(233, seed=shard_size)
+    whole = build_vocabulary(texts, config)
+    parts = [count_terms(texts[a:b], config) for a, b in _shards(len(texts), shard_size)]
+    merged = merge_term_counts(parts)
+    sharded = vocabulary_from_counts(merged, config)
+    assert sharded.words == whole.words and sharded.config == whole.config
+    assert len(whole) > 0
+    assert len(merged) == len(texts)
+    # The merged counts are the unsharded counts (same pairs, same order), not just the same ranking.
+    single = count_terms(texts, config)
+    assert list(merged.words[merged.codes]) == list(single.words[single.codes])
+    assert np.array_equal(merged.counts, single.counts) and np.array_equal(merged.doc_n_words, single.doc_n_words)
+    # Encoding shard by shard with that vocabulary and concatenating gives the single-process documents.
+    docs = Documents.concat([encode_documents(texts[a:b], whole, config.max_length)
+                             for a, b in _shards(len(texts), shard_size)])
+    assert docs == encode_documents(texts, whole, config.max_length)
+
+
+def test_term_counts_edge_cases() -> None:
+    from convmf_core.text import count_terms, merge_term_counts, vocabulary_from_counts
+
+    empty = merge_term_counts([])
+    assert len(empty) == 0 and len(vocabulary_from_counts(empty)) == 0
+    only_stop = count_terms(["the and of", None, ""])
+    assert len(only_stop) == 3 and only_stop.codes.size == 0 and only_stop.doc_n_words.tolist() == [0, 0, 0]
+    merged = merge_term_counts([only_stop, count_terms(["zebra zebra lion"]), count_terms([])])
+    assert len(merged) == 4 and vocabulary_from_counts(merged, NO_FILTER).words == ("zebra", "lion")
