@@ -54,6 +54,10 @@ class ALSConfig:
     min_improvement: float = 1e-4  # a new best must improve validation RMSE by at least this much
     init_scale: float = 0.1  # std of the normal initialisation of U (and of V for items without text)
     solve_block_rows: int = 4096  # rows solved per batched Cholesky call (bounds memory)
+    # A warm start (fit(..., warm_start=...)) begins next to yesterday's optimum, so it needs fewer outer iterations
+    # and less patience; chosen with benchmarks/replay.py on ML-100K (warm vs full fit, day by day).
+    warm_start_max_iterations: int = 10
+    warm_start_patience: int = 2
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class ConvMFConfig:
     # epochs) then start near a good solution instead of from noise. 0 = the paper's schedule.
     warmup_iterations: int = 0
     warmup_cnn_epochs: int = 5
+    # CNN epochs per outer iteration of a warm start (None: cnn.epochs_per_iteration). The CNN starts from the
+    # previous model's weights, so it only has to follow the small move of V.
+    warm_start_cnn_epochs: int | None = None
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when torch.cuda.is_available(), else CPU
 
@@ -98,6 +105,26 @@ class SGDMFConfig:
     clip_predictions: bool = False
     seed: int = 0
     device: str = "auto"
+
+
+@dataclass(frozen=True)
+class RefitPolicy:
+    """When a nightly run must refit from scratch instead of warm-starting from the current model.
+
+    A warm start keeps the previous vocabulary, so words of new descriptions outside it are lost to the CNN; and it
+    starts from the previous factors, which say little when most of the catalogue is new. A full refit runs when
+    the share of out-of-vocabulary words (tokens after stop-word removal) in the new items' descriptions is above
+    ``max_oov_share``, or when the share of new items among all items is above ``max_new_item_share``.
+    """
+
+    max_oov_share: float = 0.5  # ML-100K: 26-50% of a new description's words are outside an 8,000-word vocabulary
+    max_new_item_share: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("max_oov_share", "max_new_item_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"RefitPolicy.{name} must be a share in [0, 1], got {value}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -236,3 +236,74 @@ def cold_item_split(ratings: Ratings, cold_fraction: float = 0.2, fractions: tup
     in_val = np.isin(cold_ratings.items, to_val_items)
     return (Split(warm.train, warm.validation.concat(cold_ratings.subset(in_val)),
                   warm.test.concat(cold_ratings.subset(~in_val))), cold)
+
+
+DAY_SECONDS = 86_400
+
+
+def _check_timestamps(ratings: Ratings, timestamps: np.ndarray) -> np.ndarray:
+    """``timestamps`` as int64 seconds, one per rating; a :class:`DataError` when any is missing or not a number."""
+    raw = np.asarray(timestamps)
+    if raw.ndim != 1 or len(raw) != len(ratings):
+        raise DataError(f"time split: {raw.size} timestamp(s) for {len(ratings)} rating(s); give one per rating")
+    if raw.dtype.kind in "iu":
+        return raw.astype(np.int64)
+    numeric = pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(numeric))
+    if bad.size:
+        raise DataError(f"time split: {bad.size} rating(s) have a missing or non-numeric timestamp, e.g. at row(s) "
+                        f"{bad[:5].tolist()} (values {raw[bad[:5]].tolist()}); ingest quarantines such rows")
+    return np.floor(numeric).astype(np.int64)
+
+
+def default_time_cutoff(timestamps: np.ndarray, *, validation_seconds: int = 7 * DAY_SECONDS,
+                        test_seconds: int = 7 * DAY_SECONDS) -> int:
+    """The cutoff :func:`time_split` uses by default: the last ``validation_seconds + test_seconds`` of the data
+    (up to and including the newest rating) are held out, i.e. ``max(timestamp) + 1 - validation - test``."""
+    ts = np.asarray(timestamps)
+    if ts.size == 0:
+        raise DataError("time split: no timestamps")
+    return int(np.max(ts)) + 1 - int(validation_seconds) - int(test_seconds)
+
+
+def time_split(ratings: Ratings, timestamps: np.ndarray, *, cutoff: int | None = None,
+               validation_seconds: int = 7 * DAY_SECONDS, test_seconds: int = 7 * DAY_SECONDS) -> Split:
+    """Train on the past, validate and test on the windows after it (nothing from the future reaches training).
+
+    train = ``timestamp < cutoff``; validation = ``cutoff <= timestamp < cutoff + validation_seconds``; test = the
+    ``test_seconds`` after that. Ratings later than the test window are left out (only possible with an explicit
+    ``cutoff``). ``cutoff`` defaults to :func:`default_time_cutoff` (the newest rating closes the test window).
+    ``timestamps[r]`` is rating ``r``'s time in seconds (unix time, or any integer clock).
+
+    Users and items first seen after the cutoff keep their index (the matrix shape is unchanged) but have no
+    training rating; use ``split.train.user_counts() > 0`` / ``item_counts() > 0`` (or :func:`seen_before`) to
+    tell them apart. Choices: a missing or non-numeric timestamp is an error, not dropped silently (the ingest
+    step quarantines such rows before they get here); an empty train, validation or test window is an error naming
+    the window and its time range, so a run never validates on nothing.
+    """
+    if validation_seconds <= 0 or test_seconds <= 0:
+        raise ValueError(f"validation_seconds and test_seconds must be > 0, got {validation_seconds}, {test_seconds}")
+    if len(ratings) == 0:
+        raise DataError("cannot split an empty rating set")
+    ts = _check_timestamps(ratings, timestamps)
+    if cutoff is None:
+        cutoff = default_time_cutoff(ts, validation_seconds=validation_seconds, test_seconds=test_seconds)
+    cutoff = int(cutoff)
+    val_end = cutoff + int(validation_seconds)
+    test_end = val_end + int(test_seconds)
+    windows = {"train": (None, cutoff), "validation": (cutoff, val_end), "test": (val_end, test_end)}
+    masks = {"train": ts < cutoff, "validation": (ts >= cutoff) & (ts < val_end),
+             "test": (ts >= val_end) & (ts < test_end)}
+    for name, mask in masks.items():
+        if not mask.any():
+            lo, hi = windows[name]
+            span = f"[{'-inf' if lo is None else lo}, {hi})"
+            raise DataError(f"time split: the {name} window {span} holds no rating (timestamps run from "
+                            f"{int(ts.min())} to {int(ts.max())}); move the cutoff or widen the windows")
+    return Split(ratings.subset(masks["train"]), ratings.subset(masks["validation"]), ratings.subset(masks["test"]))
+
+
+def seen_before(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (users, items) of the users and items with at least one training rating: under a time split,
+    the ones known before the cutoff; the others are new (cold) in validation and test."""
+    return split.train.user_counts() > 0, split.train.item_counts() > 0

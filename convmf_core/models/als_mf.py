@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from convmf_core.data import Ratings
 from convmf_core.metrics import ranking_metrics
 from convmf_core.models.base import (IterationReport, ModelFitError, NotFittedError, ProgressCallback, Recommender,
                                      ScoringFactors, resolve_device)
+
+if TYPE_CHECKING:  # warm_start imports this module
+    from convmf_core.models.warm_start import WarmStart
 
 logger = logging.getLogger("convmf_core.als")
 
@@ -73,6 +76,10 @@ class ALSFactorModel(Recommender):
         """Prior-fitting epochs at the end of the warm-up (None: the per-iteration count)."""
         return None
 
+    def _warm_start_epochs(self) -> int | None:
+        """Prior-fitting epochs per iteration of a warm-started fit (None: the per-iteration count)."""
+        return None
+
     def _extra_state(self) -> dict[str, Any]:
         """Subclass state to keep with the best iteration and in checkpoints (tensors / plain values only)."""
         return {}
@@ -82,35 +89,45 @@ class ALSFactorModel(Recommender):
 
     # ----- training --------------------------------------------------------------------------------------------
     def _fit_als(self, train: Ratings, validation: Ratings | None, callback: ProgressCallback | None,
-                 checkpoint_path: str | Path | None, resume: bool) -> None:
-        """The outer loop: eq. 7, eq. 8, the prior update, then validation, early stopping and a checkpoint."""
+                 checkpoint_path: str | Path | None, resume: bool, warm_start: "WarmStart | None" = None) -> None:
+        """The outer loop: eq. 7, eq. 8, the prior update, then validation, early stopping and a checkpoint.
+
+        With ``warm_start`` the factors start from the previous model (see :mod:`convmf_core.models.warm_start`),
+        the ALS-only warm-up is skipped and ``warm_start_max_iterations`` / ``warm_start_patience`` apply."""
         cfg = self.als
         if len(train) == 0:
             raise ModelFitError("cannot fit on an empty training set")
+        if warm_start is not None:
+            warm_start.check_shapes(train.n_users, train.n_items, cfg.n_factors)
         device = resolve_device(self.device)
         generator = torch.Generator().manual_seed(self.seed)
         problem = _ALSProblem(train, cfg, device)
         self.global_mean_ = problem.mu
         self.rating_range_ = (float(train.values.min()), float(train.values.max()))
-        factors = self._initial_factors(problem, device, generator)
+        factors = self._initial_factors(problem, device, generator, warm_start)
         self.history_: list[IterationReport] = []
-        stopper = _EarlyStopping(cfg.patience, cfg.min_improvement)
+        max_iterations = cfg.max_iterations if warm_start is None else cfg.warm_start_max_iterations
+        patience = cfg.patience if warm_start is None else cfg.warm_start_patience
+        stopper = _EarlyStopping(patience, cfg.min_improvement)
         start_iteration = 1
         if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-            factors, stopper, start_iteration = self._restore(checkpoint_path, device, generator)
-        warmup = self._warmup_iterations()
-        for iteration in range(start_iteration, cfg.max_iterations + 1):
+            factors, stopper, start_iteration = self._restore(checkpoint_path, device, generator, patience)
+        warmup = 0 if warm_start is not None else self._warmup_iterations()
+        prior_epochs = None if warm_start is None else self._warm_start_epochs()
+        for iteration in range(start_iteration, max_iterations + 1):
             if stopper.done:
                 break
             in_warmup = iteration <= warmup  # ALS only, no prior; never counts towards early stopping
             t0 = time.perf_counter()
-            problem.solve_users(factors)  # eq. 7
+            # eq. 7 for every user with V fixed. It runs first, so U's start never matters for explicit ratings:
+            # under a warm start a new user's u_i is exactly the eq. 7 solution of their ratings against the warm V.
+            problem.solve_users(factors)
             problem.solve_items(factors, None if in_warmup else self._masked_prior(factors.theta))  # eq. 8
             t_als = time.perf_counter() - t0
             extra: dict[str, float] = {}
             if not in_warmup or iteration == warmup:  # eq. 9 (ConvMF): fit the CNN to V, theta = cnn(W, X)
                 theta, extra = self._update_prior(factors.V, problem.item_weight, problem.rated, generator,
-                                                  self._warmup_epochs() if iteration == warmup else None)
+                                                  self._warmup_epochs() if iteration == warmup else prior_epochs)
                 if theta is not None:
                     factors.set_prior(theta, problem.rated, self._prior_mask())
             self._set_fitted(factors.U, factors.V, factors.bu, factors.bi)
@@ -140,8 +157,12 @@ class ALSFactorModel(Recommender):
         self.best_iteration_ = int(stopper.best_iteration)
         self._set_fitted(best["U"], best["V"], best["bu"], best["bi"])
 
-    def _initial_factors(self, problem: "_ALSProblem", device: torch.device, generator: torch.Generator) -> "_Factors":
-        """U ~ N(0, init_scale^2); V = theta for items with a prior (as the authors' code), else N(0, init_scale^2)."""
+    def _initial_factors(self, problem: "_ALSProblem", device: torch.device, generator: torch.Generator,
+                         warm_start: "WarmStart | None" = None) -> "_Factors":
+        """U ~ N(0, init_scale^2); V = theta for items with a prior (as the authors' code), else N(0, init_scale^2).
+
+        With a warm start, users and items the previous model knew take its factors and biases instead; new items
+        keep the start above (theta_j = cnn(W, X_j) with the previous CNN weights, or noise without text)."""
         k, scale = self.als.n_factors, self.als.init_scale
         U = torch.randn(problem.n_users, k, generator=generator).to(device) * scale
         theta = self._init_prior(problem.n_items, device, generator)
@@ -149,8 +170,12 @@ class ALSFactorModel(Recommender):
         if theta is not None:
             mask = self._prior_mask()
             V = torch.where(mask.unsqueeze(1), theta, V) if mask is not None else theta.clone()
-        return _Factors(U, V, torch.zeros(problem.n_users, device=device), torch.zeros(problem.n_items, device=device),
-                        theta)
+        bu, bi = torch.zeros(problem.n_users, device=device), torch.zeros(problem.n_items, device=device)
+        if warm_start is not None:
+            ws = warm_start
+            U, bu = ws.initial(ws.user_source, ws.user_factors, U), ws.initial(ws.user_source, ws.user_bias, bu)
+            V, bi = ws.initial(ws.item_source, ws.item_factors, V), ws.initial(ws.item_source, ws.item_bias, bi)
+        return _Factors(U, V, bu, bi, theta)
 
     def _masked_prior(self, theta: torch.Tensor | None) -> torch.Tensor | None:
         """theta with the rows of items without a prior (no text) set to 0."""
@@ -172,8 +197,8 @@ class ALSFactorModel(Recommender):
         rmse = float(np.sqrt(np.mean((pred - validation.values) ** 2)))
         return rmse, rmse, {}
 
-    def _restore(self, checkpoint_path: str | Path, device: torch.device,
-                 generator: torch.Generator) -> tuple["_Factors", "_EarlyStopping", int]:
+    def _restore(self, checkpoint_path: str | Path, device: torch.device, generator: torch.Generator,
+                 patience: int | None = None) -> tuple["_Factors", "_EarlyStopping", int]:
         """Factors, early-stopping state and the next iteration from a checkpoint (subclass state and RNG too)."""
         ck = load_checkpoint(checkpoint_path)
         factors = _Factors.from_dict(ck, device)
@@ -181,7 +206,8 @@ class ALSFactorModel(Recommender):
         generator.set_state(ck["generator"])
         self.history_ = [IterationReport(**h) for h in ck["history"]]
         logger.info("resumed from %s after iteration %d", checkpoint_path, ck["iteration"])
-        return factors, _EarlyStopping.from_dict(ck, self.als.patience, self.als.min_improvement), ck["iteration"] + 1
+        patience = self.als.patience if patience is None else patience
+        return factors, _EarlyStopping.from_dict(ck, patience, self.als.min_improvement), ck["iteration"] + 1
 
     def _set_fitted(self, U: torch.Tensor, V: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor) -> None:
         self.user_factors_, self.item_factors_ = U.detach().cpu(), V.detach().cpu()
@@ -346,9 +372,11 @@ class PMF(ALSFactorModel):
         self.config = config
 
     def fit(self, train: Ratings, validation: Ratings | None = None, *, callback: ProgressCallback | None = None,
-            checkpoint_path: str | Path | None = None, resume: bool = False) -> "PMF":
-        """Alternate eq. 7 and eq. 8 (with theta = 0) until validation RMSE stops improving."""
-        self._fit_als(train, validation, callback, checkpoint_path, resume)
+            checkpoint_path: str | Path | None = None, resume: bool = False,
+            warm_start: "WarmStart | None" = None) -> "PMF":
+        """Alternate eq. 7 and eq. 8 (with theta = 0) until validation RMSE stops improving; ``warm_start``
+        (:func:`~convmf_core.models.warm_start.warm_start_from`) starts from a previous model's factors."""
+        self._fit_als(train, validation, callback, checkpoint_path, resume, warm_start)
         return self
 
 

@@ -22,6 +22,7 @@ from convmf_core.config import ConvMFConfig
 from convmf_core.data import Ratings
 from convmf_core.models.als_mf import ALSFactorModel
 from convmf_core.models.base import ModelFitError, NotFittedError, ProgressCallback, resolve_device
+from convmf_core.models.warm_start import WarmStart
 from convmf_core.text import Documents
 
 
@@ -39,28 +40,52 @@ class ConvMF(ALSFactorModel):
     def fit(self, train: Ratings, validation: Ratings | None = None, *, documents: Documents,
             vocabulary_size: int | None = None, word_vectors: np.ndarray | None = None,
             callback: ProgressCallback | None = None, checkpoint_path: str | Path | None = None,
-            resume: bool = False) -> "ConvMF":
+            resume: bool = False, warm_start: WarmStart | None = None) -> "ConvMF":
         """Alternate eq. 7, eq. 8 and eq. 9 until validation RMSE stops improving.
 
         ``documents[j]`` is item j's encoded description (``len(documents) == train.n_items``);
         ``vocabulary_size`` is the number of words (without padding; default: the largest id in ``documents``);
         ``word_vectors`` ((vocabulary_size + 1) x embedding_dim) start the embedding from pretrained vectors.
         With ``checkpoint_path``, state is saved after every iteration; ``resume=True`` continues from it.
+        ``warm_start`` (:func:`~convmf_core.models.warm_start.warm_start_from`) starts U, V, the biases and the CNN
+        from a previous model; ``documents`` must then be encoded with that model's vocabulary (same word ids), and
+        ``word_vectors`` are ignored (the embedding comes from the previous CNN). The CNN's optimiser starts afresh
+        (its state is not part of a saved model).
         """
         if len(documents) != train.n_items:
             raise ModelFitError(f"{len(documents)} documents for {train.n_items} items: give one (possibly empty) "
                                 "document per item")
+        if vocabulary_size is None and warm_start is not None and warm_start.vocabulary_size is not None:
+            vocabulary_size = warm_start.vocabulary_size  # the kept vocabulary
         n_words = int(vocabulary_size if vocabulary_size is not None else (documents.ids.max() if len(documents.ids) else 0))
+        if len(documents.ids) and int(documents.ids.max()) > n_words:
+            raise ModelFitError(f"documents use word id {int(documents.ids.max())}, beyond the {n_words}-word "
+                                "vocabulary")
         self._documents = documents
         self.vocabulary_size_ = n_words
         device = resolve_device(self.device)
         self.cnn_ = build_cnn(n_words + 1, self.als.n_factors, self.config.cnn, seed=self.seed,
-                              pretrained_embeddings=word_vectors).to(device)
+                              pretrained_embeddings=None if warm_start is not None else word_vectors).to(device)
+        if warm_start is not None:
+            self._load_warm_cnn(warm_start, n_words)
         self._optimizer = make_optimizer(self.cnn_, self.config.cnn)
         self.item_has_text_ = torch.as_tensor(documents.has_text())
-        self._fit_als(train, validation, callback, checkpoint_path, resume)
+        self._fit_als(train, validation, callback, checkpoint_path, resume, warm_start)
         self.cnn_.eval()
         return self
+
+    def _load_warm_cnn(self, warm_start: WarmStart, n_words: int) -> None:
+        """The previous CNN's weights (same vocabulary, same architecture), or a clear error saying what differs."""
+        if warm_start.cnn_state is None:
+            raise ModelFitError("the warm start has no CNN weights (it comes from a model without text): use a "
+                                "full fit, or warm-start a PMF")
+        if warm_start.vocabulary_size is not None and warm_start.vocabulary_size != n_words:
+            raise ModelFitError(f"the warm start's CNN was built for {warm_start.vocabulary_size} words, the documents "
+                                f"use {n_words}: encode them with the previous model's vocabulary, or refit")
+        try:
+            self.cnn_.load_state_dict(warm_start.cnn_state)
+        except RuntimeError as exc:  # a different architecture (CNNConfig changed)
+            raise ModelFitError(f"the warm start's CNN does not match this configuration's CNN: {exc}") from exc
 
     # ----- hooks -------------------------------------------------------------------------------------------
     def _text_items(self) -> np.ndarray:
@@ -80,6 +105,9 @@ class ConvMF(ALSFactorModel):
 
     def _warmup_epochs(self) -> int | None:
         return self.config.warmup_cnn_epochs
+
+    def _warm_start_epochs(self) -> int | None:
+        return self.config.warm_start_cnn_epochs
 
     def _update_prior(self, V: torch.Tensor, item_weight: torch.Tensor, rated: torch.Tensor,
                       generator: torch.Generator, epochs: int | None) -> tuple[torch.Tensor, dict[str, float]]:
