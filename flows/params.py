@@ -29,7 +29,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from convmf_core.config import ConvMFConfig, TextConfig
+from convmf_core.config import ConvMFConfig, RefitPolicy, TextConfig
+from convmf_core.data import DAY_SECONDS, time_split
 from convmf_core.ingest import IngestConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -226,14 +227,122 @@ class ModelParams(_Params):
             warmup_iterations=self.warmup_iterations, seed=self.seed, device=self.device)
 
 
-class SplitParams(_Params):
-    """The paper's random split of the ratings into train / validation / test."""
+SplitKind = Literal["random", "time"]
+_TIME_SPLIT_DAYS = time_split.__kwdefaults__["validation_seconds"] / DAY_SECONDS  # the library's window (7 days)
 
-    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    cold_item_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of rated items whose ratings all go "
-                                      "to validation/test, to measure cold-start quality (0 = the paper's split)")
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+class SplitParams(_Params):
+    """How the ratings are split into train / validation / test.
+
+    ``kind='random'``: the paper's seeded random 80/10/10 (the fractions, cold items and seed below); the default
+    of ``retrain`` / ``convmf train`` and of the paper benchmark. ``kind='time'``: train on the ratings before a
+    cutoff, validate on the ``validation_days`` after it, test on the ``test_days`` after that; the default of the
+    nightly flow. Nothing after the cutoff reaches training, the vocabulary included. ``kind=null`` takes the flow's
+    default.
+    """
+
+    kind: SplitKind | None = Field(None, description="'random' (the paper's 80/10/10) or 'time' (train before a "
+                                   "cutoff); null: the flow's default ('time' nightly, 'random' for retrain)")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="random: share of ratings to validation")
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="random: share of ratings to test")
+    cold_item_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="random: share of rated items whose ratings "
+                                      "all go to validation/test, to measure cold-start quality (0 = the paper's "
+                                      "split); a time split has its own cold items (first rated after the cutoff)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="random: the split's seed")
+    validation_days: float = Field(_TIME_SPLIT_DAYS, gt=0.0, le=3650.0,
+                                   description="time: length of the validation window after the cutoff")
+    test_days: float = Field(_TIME_SPLIT_DAYS, gt=0.0, le=3650.0,
+                             description="time: length of the test window after the validation window")
+    cutoff: dt.datetime | None = Field(None, description="time: first instant not used for training (UTC when no "
+                                       "zone is given); default: the newest rating's time minus both windows")
+
+    def validation_seconds(self) -> int:
+        """The validation window in whole seconds."""
+        return int(round(self.validation_days * DAY_SECONDS))
+
+    def test_seconds(self) -> int:
+        """The test window in whole seconds."""
+        return int(round(self.test_days * DAY_SECONDS))
+
+    def cutoff_seconds(self) -> int | None:
+        """The explicit cutoff as Unix seconds (naive datetimes are UTC), or ``None`` for the default."""
+        if self.cutoff is None:
+            return None
+        cutoff = self.cutoff if self.cutoff.tzinfo else self.cutoff.replace(tzinfo=dt.timezone.utc)
+        return int(cutoff.timestamp())
+
+
+class WarmStartParams(_Params):
+    """Start training from the registry's champion instead of from scratch (issue 7, "Warm start").
+
+    Users and items the champion knows keep their factors, the CNN starts from its weights and its vocabulary is
+    kept; new items start at theta_j = cnn(W, X_j), new users are solved from their ratings (eq. 7). A full refit
+    (fresh vocabulary and weights) runs instead when ``enabled`` is false, when there is no champion, when the
+    champion cannot seed this configuration (k or the CNN changed, it saw ratings after this run's cutoff), or when
+    a threshold below is passed. The run says which it did and why (Prefect log, MLflow tags ``fit_mode`` and
+    ``fit_mode_reason``).
+    """
+
+    enabled: bool | None = Field(None, description="null: the flow's default (on for the nightly flow, off for "
+                                 "retrain); false: always a full refit")
+    alias: str = Field("champion", pattern=NAME_PATTERN, description="Registry alias of the model to start from")
+    max_oov_share: float = Field(RefitPolicy().max_oov_share, ge=0.0, le=1.0,
+                                 description="Refit when more than this share of the new items' words is outside "
+                                             "the kept vocabulary")
+    max_new_item_share: float = Field(RefitPolicy().max_new_item_share, ge=0.0, le=1.0,
+                                      description="Refit when more than this share of the items is new")
+
+    def policy(self) -> RefitPolicy:
+        """As the library's :class:`RefitPolicy`."""
+        return RefitPolicy(max_oov_share=self.max_oov_share, max_new_item_share=self.max_new_item_share)
+
+
+class ShardRunnerParams(_Params):
+    """Where mapped shards run: threads in the flow's process (default) or a Dask cluster. The result is the same
+    whichever runs it."""
+
+    task_runner: Literal["threads", "dask"] = Field("threads", description="'threads': shards run in the flow's "
+                                                    "process; 'dask': on a Dask cluster (local or dask_address)")
+    threads: int = Field(2, ge=1, le=64, description="threads: shards run at once in the flow's process")
+    dask_address: str | None = Field(None, pattern=DASK_ADDRESS_PATTERN,
+                                     description="dask: scheduler of an existing cluster, e.g. tcp://10.0.0.5:8786 "
+                                                 "(default $CONVMF_DASK_ADDRESS; unset: a local cluster)")
+    dask_workers: int = Field(2, ge=1, le=256, description="dask, local cluster: worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=64, description="dask, local cluster: shards at once per worker")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "ShardRunnerParams":
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("dask_address is only used with task_runner='dask'")
+        return self
+
+    def resolved_dask_address(self) -> str | None:
+        """The scheduler to connect to, or ``None`` for a local cluster of ``dask_workers`` processes."""
+        address = self.dask_address or os.environ.get("CONVMF_DASK_ADDRESS") or None
+        if address is not None and not re.fullmatch(DASK_ADDRESS_PATTERN, address):
+            raise ValueError(f"CONVMF_DASK_ADDRESS={address!r} is not a Dask scheduler address (tcp://host:port)")
+        return address
+
+
+class TokenizeParams(ShardRunnerParams):
+    """How tokenization of a large catalogue is spread: the document-frequency count and the encoding are mapped
+    over shards of ``items_per_shard`` items on the chosen task runner (issue 4). The vocabulary and documents are
+    identical to a single-process run, so these settings are not part of the model's configuration."""
+
+    items_per_shard: int = Field(50_000, ge=1, le=10_000_000, description="Items per mapped tokenize task")
+
+
+class FlowDefaults(BaseModel):
+    """What a flow takes for the parameters left null: the nightly flow and ``retrain`` differ (issue 7)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    split_kind: SplitKind
+    warm_start: bool
+
+
+RETRAIN_DEFAULTS = FlowDefaults(split_kind="random", warm_start=False)
+NIGHTLY_DEFAULTS = FlowDefaults(split_kind="time", warm_start=True)
 
 
 class TrainingParams(_Params):
@@ -244,6 +353,8 @@ class TrainingParams(_Params):
     text: TextParams = TextParams()
     model: ModelParams = ModelParams()
     split: SplitParams = SplitParams()
+    warm_start: WarmStartParams = WarmStartParams()
+    tokenize: TokenizeParams = TokenizeParams()
     eval_n: int = Field(10, ge=1, le=1000, description="N of the top-N metrics")
     storage: StorageParams = StorageParams()
 
@@ -256,6 +367,15 @@ class TrainingParams(_Params):
             if value is not None:
                 confine_path(value, f"data.{name}", roots)
         return self
+
+    def with_defaults(self, defaults: FlowDefaults) -> "TrainingParams":
+        """These parameters with the null ones (split kind, warm start) set to the running flow's defaults."""
+        update = {}
+        if self.split.kind is None:
+            update["split"] = self.split.model_copy(update={"kind": defaults.split_kind})
+        if self.warm_start.enabled is None:
+            update["warm_start"] = self.warm_start.model_copy(update={"enabled": defaults.warm_start})
+        return self.model_copy(update=update) if update else self
     # The sanity gate before training (tasks/guards.py): a collapsed or badly broken input stops the run.
     gate_max_ratings_drop: float = Field(0.5, ge=0.0, le=1.0, description="Stop before training when accepted "
                                          "ratings fell by more than this share against the last successful run")
@@ -265,8 +385,9 @@ class TrainingParams(_Params):
                                 "catalogue change); the failure is still logged and tagged")
 
 
-class ScoringParams(_Params):
-    """Parameters of the batch scoring flow: registry lookup -> top-N per user -> Parquet."""
+class ScoringParams(ShardRunnerParams):
+    """Parameters of the batch scoring flow: registry lookup -> top-N per user -> Parquet (the shards run on the
+    task runner of :class:`ShardRunnerParams`)."""
 
     model_name: str = Field("convmf", pattern=NAME_PATTERN)
     alias: str = Field("champion", pattern=NAME_PATTERN, description="Registry alias to score with")
@@ -275,39 +396,21 @@ class ScoringParams(_Params):
     block_size: int = Field(1024, ge=1, le=65_536, description="Users per matrix product inside a shard")
     run_date: dt.date | None = Field(None, description="Partition date of the output (default: today, UTC)")
     storage: StorageParams = StorageParams()
-    # Where the shards run. The output is the same whichever runner scores it.
-    task_runner: Literal["threads", "dask"] = Field("threads", description="'threads': shards run in the flow's "
-                                                    "process; 'dask': on a Dask cluster (local or dask_address)")
-    threads: int = Field(2, ge=1, le=64, description="threads: shards scored at once in the flow's process")
-    dask_address: str | None = Field(None, pattern=DASK_ADDRESS_PATTERN,
-                                     description="dask: scheduler of an existing cluster, e.g. tcp://10.0.0.5:8786 "
-                                                 "(default $CONVMF_DASK_ADDRESS; unset: a local cluster)")
-    dask_workers: int = Field(2, ge=1, le=256, description="dask, local cluster: worker processes")
-    threads_per_worker: int = Field(1, ge=1, le=64, description="dask, local cluster: shards at once per worker")
-
-    @model_validator(mode="after")
-    def _address_needs_dask(self) -> "ScoringParams":
-        if self.dask_address and self.task_runner != "dask":
-            raise ValueError("dask_address is only used with task_runner='dask'")
-        return self
 
     def resolved_run_date(self) -> dt.date:
         """The output partition's date."""
         return self.run_date or dt.datetime.now(dt.timezone.utc).date()
-
-    def resolved_dask_address(self) -> str | None:
-        """The scheduler to connect to, or ``None`` for a local cluster of ``dask_workers`` processes."""
-        address = self.dask_address or os.environ.get("CONVMF_DASK_ADDRESS") or None
-        if address is not None and not re.fullmatch(DASK_ADDRESS_PATTERN, address):
-            raise ValueError(f"CONVMF_DASK_ADDRESS={address!r} is not a Dask scheduler address (tcp://host:port)")
-        return address
-
 
 class NightlyParams(_Params):
     """The nightly flow: training, then scoring with whatever the registry's champion is afterwards."""
 
     training: TrainingParams = TrainingParams()
     scoring: ScoringParams = ScoringParams()
+
+    def training_params(self) -> TrainingParams:
+        """The training settings with the nightly defaults for what is left null: a time-based split and a warm
+        start from the champion (``retrain`` defaults to the paper's random split and a full fit)."""
+        return self.training.with_defaults(NIGHTLY_DEFAULTS)
 
     def scoring_params(self) -> ScoringParams:
         """Scoring settings bound to the trained model's name and storage (one registry, one working directory)."""

@@ -25,8 +25,10 @@ from tasks.tracking import RunRef, with_retries
 GATE_METRIC = "ingest_ratings_rows_accepted"
 CONFIG_HASH_TAG = "config_hash"
 DATA_HASH_TAG = "data_hash"
-# TrainingParams fields that do not change the model a run produces: where it is stored and how the gate is set.
-NON_MODEL_FIELDS = frozenset({"storage", "override_gate", "gate_max_ratings_drop", "gate_max_quarantine_share"})
+# TrainingParams fields that do not change the model a run produces: where it is stored, how the gate is set, and
+# where tokenization shards run (identical result).
+NON_MODEL_FIELDS = frozenset({"storage", "override_gate", "gate_max_ratings_drop", "gate_max_quarantine_share",
+                              "tokenize"})
 
 
 class DataGateError(RuntimeError):
