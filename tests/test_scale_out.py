@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -201,6 +206,55 @@ def test_rerun_with_another_plan_clears_stale_parts(threaded: pd.DataFrame, cham
     pd.DataFrame({"user_id": ["u0000"], "rank": [1], "item_id": ["i000"], "score": [9.0]}).to_parquet(
         staging / "part-00009.parquet")
     pd.testing.assert_frame_equal(read_scores(scoring_flow(params(champion, 5))), threaded)
+
+
+# One scoring process, SIGKILLed by the test (the parameters arrive as JSON, as a deployment would pass them).
+SCORING_CHILD = """
+import sys
+from flows.params import ScoringParams
+from flows.scoring import scoring_flow
+scoring_flow(ScoringParams.model_validate_json(sys.argv[1]))
+"""
+
+
+def test_scoring_killed_mid_way_commits_nothing_and_the_rerun_completes(threaded: pd.DataFrame, champion: Champion,
+                                                                       tmp_path: Path) -> None:
+    import prefect.settings
+
+    killed = params(champion, 6, users_per_shard=1)  # 130 one-user shards: the kill lands mid-way
+    staging, final = staging_of(champion, 6), staging_of(champion, 6).parent.parent / "run_date=2026-03-06"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()), "PYTHONPATH": str(root)}
+    log = tmp_path / "scoring-child.log"  # a file, not a pipe: a full pipe would block the child
+    with log.open("wb") as out:
+        child = subprocess.Popen([sys.executable, "-c", SCORING_CHILD, killed.model_dump_json()], cwd=root, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(staging.glob("part-*.parquet"))) < 3:
+            assert child.poll() is None, f"scoring ended before the kill: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no staged part within 180 s"
+            time.sleep(0.01)
+        os.killpg(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+
+    staged = {p.name: p.stat().st_mtime_ns for p in staging.glob("part-*.parquet")}
+    assert 3 <= len(staged) < N_USERS  # killed mid-way: parts left to do
+    assert not final.exists()  # nothing a reader would take for a result: no partition, no manifest
+    # A part being written at the kill stays a hidden temporary file, never a part-*.parquet a reader would take.
+    assert all(p.name.startswith(".") for p in staging.glob("*.tmp"))
+    for name in staged:
+        pd.read_parquet(staging / name)  # every staged part is whole
+
+    partition = scoring_flow(killed)  # the rerun scores only the missing shards
+    pd.testing.assert_frame_equal(read_scores(partition), threaded)  # every user exactly once, same rows
+    for name, mtime in staged.items():
+        assert (partition / name).stat().st_mtime_ns == mtime, f"{name} was scored again"
+    assert not staging.exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------
