@@ -52,7 +52,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Iterator, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -94,6 +94,7 @@ _SNIFF_DELIMITERS = (",", "\t", ";", "|")
 _RAW_MAX_CHARS = 4096  # quarantine.raw keeps at most this many characters of a record
 _MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 _HASH_TAG = b"convmf-ingest-v1"
+_HASH_ROWS = 1 << 20  # rows per slice of a string column when hashing
 _MAGIC = {b"PAR1": "a Parquet file", b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive"}
 
 
@@ -111,6 +112,11 @@ class IngestConfig:
     Names match exactly, else ignoring case and surrounding spaces. They apply to csv/tsv/jsonl/parquet input;
     MovieLens layouts have fixed columns. ``timestamp`` and ``title`` columns are optional.
     ``encoding="auto"`` decodes UTF-8 (BOM stripped; UTF-16 when it has a BOM) and falls back to Latin-1.
+
+    Ratings files of at least ``stream_min_bytes`` are read in batches (text: about ``stream_block_bytes`` of text
+    per batch, cut at record boundaries; Parquet: ``stream_batch_rows`` rows per batch) so memory stays bounded by
+    the accepted rows, not the file; each batch goes through the same parsing and validation code as a small file,
+    and the outcome (rows, quarantine, counts, hash) is the same. JSON lines and item files are always read whole.
     """
 
     rating_min: float = 1.0
@@ -124,6 +130,9 @@ class IngestConfig:
     title_col: ColumnSpec = "title"
     max_text_chars: int = 20_000
     encoding: str = "auto"
+    stream_min_bytes: int = 256 * 2**20
+    stream_block_bytes: int = 16 * 2**20
+    stream_batch_rows: int = 1_000_000
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work."""
@@ -134,6 +143,9 @@ class IngestConfig:
             raise ValueError(f"unknown format {self.format!r}; expected one of {FORMATS}")
         if int(self.max_text_chars) < 1:
             raise ValueError(f"max_text_chars must be positive, got {self.max_text_chars}")
+        if int(self.stream_min_bytes) < 0 or int(self.stream_block_bytes) < 1 or int(self.stream_batch_rows) < 1:
+            raise ValueError(f"stream_min_bytes must be >= 0, stream_block_bytes and stream_batch_rows positive; got "
+                             f"{self.stream_min_bytes}, {self.stream_block_bytes}, {self.stream_batch_rows}")
         for name in ("user_col", "item_col", "rating_col", "timestamp_col", "text_col", "title_col"):
             if not _candidates(getattr(self, name)):
                 raise ValueError(f"{name} must name at least one column")
@@ -178,6 +190,8 @@ class _Rows:
     malformed: np.ndarray  # bool
     raw: Callable[[np.ndarray], list[str]]  # positions -> the records as text
     blank_lines: int = 0
+    last: np.ndarray | None = None  # int64, last physical line of each record when it may span lines
+    header_lines: int = 1  # physical lines of the header record (delimited text)
 
 
 @dataclass
@@ -193,6 +207,11 @@ class _Source:
     malformed: np.ndarray
     raw: Callable[[np.ndarray], list[str]]
     blank_lines: int
+    last: np.ndarray | None = None
+
+
+class _Unterminated(IngestError):
+    """A quoted field runs to the end of the text (internal: a batch cut inside a record is extended)."""
 
 
 def _candidates(spec: ColumnSpec) -> tuple[str, ...]:
@@ -277,21 +296,42 @@ def _resolve_layout(path: Path, role: str, config: IngestConfig, head: bytes) ->
     return fmt, "mllatest-ratings" if ratings else "mllatest-movies"
 
 
+def _encodings(head: bytes, encoding: str) -> list[str]:
+    """Codecs to try in turn (``encoding="auto"``: UTF-16 with its BOM, else UTF-8 with or without BOM, else Latin-1)."""
+    if encoding == "auto":
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return ["utf-16"]
+        return ["utf-8-sig", "latin-1"]
+    return ["utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding]
+
+
+def _reject_binary(head: bytes, path: Path, role: str, codec: str) -> None:
+    """IngestError when the first bytes show a compressed/binary file (magic numbers, NUL bytes in 8-bit text)."""
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            raise IngestError(f"{role} file {path}: is binary ({what}), not text; convert or decompress it first")
+    wide = codecs.lookup(codec).name.startswith(("utf-16", "utf-32"))
+    if not wide and b"\x00" in head[:65536]:
+        raise IngestError(f"{role} file {path}: is binary (holds NUL bytes), not text")
+
+
+def _reject_controls(sample: str, path: Path, role: str) -> None:
+    """IngestError when the first decoded characters are mostly control characters (binary read as text)."""
+    sample = sample[:65536]
+    controls = len(re.findall(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]", sample))
+    if controls > 0.05 * max(len(sample), 1):
+        raise IngestError(f"{role} file {path}: looks binary ({controls} control characters in the first "
+                          f"{len(sample)}), not text")
+
+
+def _public_encoding(codec: str) -> str:
+    return "utf-8" if codec == "utf-8-sig" else codec
+
+
 def _decode(data: bytes, path: Path, role: str, encoding: str) -> tuple[str, str]:
     """Decode ``data``; reject binary content. Returns (text with '\\n' line ends, encoding used)."""
-    for magic, what in _MAGIC.items():
-        if data.startswith(magic):
-            raise IngestError(f"{role} file {path}: is binary ({what}), not text; convert or decompress it first")
-    if encoding == "auto":
-        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            candidates = ["utf-16"]
-        else:
-            candidates = ["utf-8-sig", "latin-1"]
-    else:
-        candidates = ["utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding]
-    wide = codecs.lookup(candidates[0]).name.startswith(("utf-16", "utf-32"))
-    if not wide and b"\x00" in data[:65536]:
-        raise IngestError(f"{role} file {path}: is binary (holds NUL bytes), not text")
+    candidates = _encodings(data, encoding)
+    _reject_binary(data, path, role, candidates[0])
     text: str | None = None
     used = candidates[0]
     for enc in candidates:
@@ -302,17 +342,14 @@ def _decode(data: bytes, path: Path, role: str, encoding: str) -> tuple[str, str
         except UnicodeDecodeError as exc:
             err = exc
     if text is None:
-        raise IngestError(f"{role} file {path}: cannot be decoded as {encoding} ({err})")
-    sample = text[:65536]
-    controls = len(re.findall(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]", sample))
-    if controls > 0.05 * max(len(sample), 1):
-        raise IngestError(f"{role} file {path}: looks binary ({controls} control characters in the first "
-                          f"{len(sample)}), not text")
+        line = data.count(b"\n", 0, err.start) + 1
+        raise IngestError(f"{role} file {path}: cannot be decoded as {encoding} at line {line} ({err})")
+    _reject_controls(text, path, role)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
         raise IngestError(f"{role} file {path}: is empty")
-    return text, ("utf-8" if used == "utf-8-sig" else used)
+    return text, _public_encoding(used)
 
 
 class _LineIndex:
@@ -354,28 +391,41 @@ def _sniff_delimiter(header_line: str, required: list[ColumnSpec], default: str)
     return best
 
 
-def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int) -> _Rows:
-    """Split a delimited text with a header row (pandas' C parser, every field read as a string)."""
+_EXTRA_FIELDS = 64  # fields beyond the header's read when a row has too many (a non-empty one makes it malformed)
+
+
+def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int, line_offset: int = 0) -> _Rows:
+    """Split a delimited text with a header row (pandas' C parser, every field read as a string).
+
+    ``line_offset`` is added to the line numbers (a batch of a larger file, with the header prepended). Raises
+    :class:`_Unterminated` when a quoted field is still open at the end of the text.
+    """
     header_line = text.split("\n", 1)[0]
     width = max(len(_header_fields(header_line, sep, quoting)), 1)
-    # One column more than the header: a non-empty value there marks a row with too many fields. Rows with even
-    # more fields make the parser fail unless usecols is given, and usecols fails when no row is that wide, hence
-    # the second attempt.
-    positions = list(range(width + 1))
-    options: dict[str, Any] = dict(sep=sep, header=None, names=positions, dtype=str, na_filter=False, index_col=False,
+    # One column more than the header: a non-empty value there marks a row with too many fields. A row with even
+    # more fields makes the parser fail; then up to _EXTRA_FIELDS more columns are read (usecols tolerates rows
+    # wider than that), and any non-empty one marks the row.
+    options: dict[str, Any] = dict(sep=sep, header=None, dtype=str, na_filter=False, index_col=False,
                                    skip_blank_lines=False, quoting=quoting, engine="c")
     try:
         try:
-            frame = pd.read_csv(io.StringIO(text), **options)
+            frame = pd.read_csv(io.StringIO(text), names=list(range(width + 1)), **options)
         except pd.errors.ParserError as exc:
-            if "Expected" not in str(exc):
+            saw = re.search(r"Expected \d+ fields in line \d+, saw (\d+)", str(exc))
+            if saw is None:
                 raise
-            frame = pd.read_csv(io.StringIO(text), usecols=positions, low_memory=False, **options)
+            # usecols refuses more names than the widest row has: take the width of the row that failed.
+            wide = list(range(max(width + 1, min(int(saw.group(1)), width + _EXTRA_FIELDS))))
+            frame = pd.read_csv(io.StringIO(text), names=wide, usecols=wide, low_memory=False, **options)
     except (pd.errors.ParserError, ValueError) as exc:
-        raise IngestError(f"{role} file {path}: cannot be parsed as delimited text ({str(exc).strip()})") from exc
+        message = f"{role} file {path}: cannot be parsed as delimited text ({str(exc).strip()})"
+        if "EOF inside string" in str(exc):
+            raise _Unterminated(message) from exc
+        raise IngestError(message) from exc
     if len(frame) == 0:
         raise IngestError(f"{role} file {path}: is empty")
-    cols = [frame[c] for c in range(width + 1)]
+    ncols = frame.shape[1]
+    cols = [frame[c] for c in range(ncols)]
     # Line numbers: each record starts one line after the previous one ended; quoted fields may hold newlines.
     nl = np.zeros(len(frame), dtype=np.int64)
     if quoting != csv.QUOTE_NONE and '"' in text:
@@ -383,6 +433,7 @@ def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int) -
             nl += col.str.count("\n").to_numpy(dtype=np.int64)
     start = 1 + np.arange(len(frame), dtype=np.int64) + np.concatenate([[0], np.cumsum(nl)[:-1]])
     end = start + nl
+    header_lines = int(nl[0]) + 1
     lines = _LineIndex(text)
     # Header names (deduplicated: a repeated name gets a ".k" suffix, as pandas does).
     names: list[str] = []
@@ -395,7 +446,7 @@ def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int) -
     start, end = start[1:], end[1:]
     # Blank lines come back as rows of empty fields: drop them (they are not rows).
     empty = np.ones(len(body), dtype=bool)
-    for c in range(width + 1):
+    for c in range(ncols):
         empty &= (body[c].str.strip() == "").to_numpy(dtype=bool)
     if empty.any():
         cand = np.flatnonzero(empty)
@@ -408,14 +459,16 @@ def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int) -
             start, end = start[keep], end[keep]
     else:
         n_blank = 0
-    malformed = (body[width] != "").to_numpy(dtype=bool)
+    malformed = np.zeros(len(body), dtype=bool)
+    for c in range(width, ncols):
+        malformed |= (body[c] != "").to_numpy(dtype=bool)
     data = {name: body[i] for i, name in enumerate(names)}
 
     def raw(pos: np.ndarray) -> list[str]:
         return [lines.get(int(start[i]), int(end[i])) for i in pos]
 
-    return _Rows(columns=names, get=lambda name, kind: data[name], n=len(body), line=start, malformed=malformed,
-                 raw=raw, blank_lines=n_blank)
+    return _Rows(columns=names, get=lambda name, kind: data[name], n=len(body), line=start + line_offset,
+                 malformed=malformed, raw=raw, blank_lines=n_blank, last=end + line_offset, header_lines=header_lines)
 
 
 def _str_series(values: pa.Array | pa.ChunkedArray) -> pd.Series:
@@ -423,7 +476,7 @@ def _str_series(values: pa.Array | pa.ChunkedArray) -> pd.Series:
     return pd.Series(values, dtype="str")
 
 
-def _split_lines(text: str, sep: str, names: list[str], greedy_middle: bool = False) -> _Rows:
+def _split_lines(text: str, sep: str, names: list[str], greedy_middle: bool = False, line_offset: int = 0) -> _Rows:
     """Split a headerless, unquoted text into ``names`` fields per line (MovieLens layouts), with Arrow kernels.
 
     A line with another number of fields is malformed; with ``greedy_middle`` (three fields) the middle one may
@@ -435,7 +488,7 @@ def _split_lines(text: str, sep: str, names: list[str], greedy_middle: bool = Fa
     everything = pa.array(raw_lines, pa.large_string())
     del raw_lines
     blank = pc.equal(pc.utf8_trim_whitespace(everything), "").to_numpy(zero_copy_only=False)
-    lineno = np.arange(1, len(everything) + 1, dtype=np.int64)[~blank]
+    lineno = np.arange(1 + line_offset, len(everything) + 1 + line_offset, dtype=np.int64)[~blank]
     lines = everything.filter(pa.array(~blank))
     count = pc.count_substring(lines, sep).to_numpy(zero_copy_only=False)
     n = len(names)
@@ -464,7 +517,7 @@ def _json_text(value: Any, id_like: bool) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value
+        return _no_surrogates(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -473,7 +526,16 @@ def _json_text(value: Any, id_like: bool) -> str | None:
         if id_like:  # 7.0 -> "7"; NaN / infinity are no id
             return (str(int(value)) if value.is_integer() else repr(value)) if math.isfinite(value) else None
         return repr(value)
-    return json.dumps(value, ensure_ascii=False)
+    return _no_surrogates(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _no_surrogates(text: str) -> str:
+    """``text`` with lone surrogates (JSON escapes such as ``"\\ud800"``, not valid Unicode) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _parse_jsonl(text: str) -> _Rows:
@@ -511,26 +573,56 @@ def _parse_jsonl(text: str) -> _Rows:
                  malformed=malformed, raw=raw, blank_lines=blank_lines)
 
 
-def _arrow_text(col: pa.ChunkedArray, kind: str) -> pd.Series:
-    """An Arrow column as strings (ids: integral floats without ".0"; date-times: epoch seconds)."""
-    t = col.type
-    if pa.types.is_dictionary(t):
-        col = col.cast(t.value_type)
-        t = col.type
-    if pa.types.is_date(t):
-        col = col.cast(pa.timestamp("s"))
-        t = col.type
-    if pa.types.is_timestamp(t):
-        col = pc.cast(col, pa.timestamp("s", tz=t.tz), safe=False).cast(pa.int64())
-    elif kind == "id" and pa.types.is_floating(t):  # e.g. integer ids with missing values written by pandas
-        finite = pc.is_finite(col)
-        values = pc.filter(col, finite)
-        if len(values) == 0 or pc.all(pc.equal(pc.floor(values), values)).as_py():
-            col = pc.if_else(finite, col, pa.scalar(None, t)).cast(pa.int64())  # NaN -> null (an empty id)
+def _arrow_text(col: pa.ChunkedArray | pa.Array, kind: str) -> pd.Series:
+    """An Arrow column as strings (ids: integral floats without ".0", NaN none; date-times: epoch seconds).
+
+    Every value is converted on its own, so a batch of a file gives the same strings as the whole file."""
     try:
+        t = col.type
+        if pa.types.is_dictionary(t):
+            col = col.cast(t.value_type)
+            t = col.type
+        if pa.types.is_date(t):
+            col = col.cast(pa.timestamp("s"))
+            t = col.type
+        if pa.types.is_timestamp(t):
+            col = pc.cast(col, pa.timestamp("s", tz=t.tz), safe=False).cast(pa.int64())
+        elif kind == "id" and pa.types.is_floating(t):  # e.g. integer ids with missing values written by pandas
+            col = pc.if_else(pc.is_finite(col), col, pa.scalar(None, t))  # NaN / infinity -> null (an empty id)
         return _str_series(pc.cast(col, pa.string()))
-    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-        return pd.Series([_json_text(v, kind == "id") for v in col.to_pylist()], dtype="str")
+    except (pa.ArrowException, ValueError, OverflowError):
+        return pd.Series([_json_text(v, kind == "id") for v in _pylist(col)], dtype="str")
+
+
+def _pylist(col: pa.ChunkedArray | pa.Array) -> list[Any]:
+    """Python values of an Arrow column; a value Python cannot hold (a date-time out of range) as its text."""
+    try:
+        return col.to_pylist()
+    except (pa.ArrowException, ValueError, OverflowError):
+        return [_scalar_text(v) for v in col]
+
+
+def _scalar_text(value: pa.Scalar) -> Any:
+    try:
+        return value.as_py()
+    except (pa.ArrowException, ValueError, OverflowError):
+        return str(value)
+
+
+def _parquet_rows(table: pa.Table, line_offset: int = 0) -> _Rows:
+    """Records of a Parquet table (or one batch of it, ``line_offset`` rows into the file)."""
+
+    def raw(pos: np.ndarray) -> list[str]:
+        out = []
+        for i in pos:
+            row = {name: _scalar_text(table.column(name)[int(i)]) for name in table.column_names}
+            out.append(json.dumps(row, ensure_ascii=False, default=str))
+        return out
+
+    n = table.num_rows
+    return _Rows(columns=list(table.column_names), get=lambda name, kind: _arrow_text(table.column(name), kind),
+                 n=n, line=np.arange(1 + line_offset, n + 1 + line_offset, dtype=np.int64),
+                 malformed=np.zeros(n, dtype=bool), raw=raw)
 
 
 def _parse_parquet(data: bytes, path: Path, role: str) -> _Rows:
@@ -538,13 +630,7 @@ def _parse_parquet(data: bytes, path: Path, role: str) -> _Rows:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise IngestError(f"{role} file {path}: is not a readable Parquet file ({exc})") from exc
-
-    def raw(pos: np.ndarray) -> list[str]:
-        return [json.dumps(table.slice(int(i), 1).to_pylist()[0], ensure_ascii=False, default=str) for i in pos]
-
-    return _Rows(columns=list(table.column_names), get=lambda name, kind: _arrow_text(table.column(name), kind),
-                 n=table.num_rows, line=np.arange(1, table.num_rows + 1, dtype=np.int64),
-                 malformed=np.zeros(table.num_rows, dtype=bool), raw=raw)
+    return _parquet_rows(table)
 
 
 def _genre_text(title: pd.Series, genres: pd.Series) -> pd.Series:
@@ -586,6 +672,28 @@ def _canonical(rows: _Rows, path: Path, role: str, required: dict[str, ColumnSpe
     return pd.DataFrame(out)
 
 
+_ML_SEPARATOR = {"ml100k-data": "\t", "ml1m-ratings": "::"}
+
+
+def _delimiter(header_line: str, layout: str, role: str, config: IngestConfig) -> str:
+    """The separator of a delimited layout: declared (tsv, MovieLens) or sniffed from the header line (csv)."""
+    if layout == "mllatest-ratings":
+        return ","
+    default = "\t" if layout == "tsv" else ","
+    if config.format == "tsv":
+        return default
+    return _sniff_delimiter(header_line, list(_required(role, config).values()), default)
+
+
+def _columns(layout: str, role: str, config: IngestConfig) -> tuple[dict[str, ColumnSpec], dict[str, ColumnSpec]]:
+    """(required, optional) source columns per canonical column of a ratings layout or a generic items layout."""
+    if layout in ("ml100k-data", "ml1m-ratings"):
+        return {c: c for c in RATINGS_SCHEMA.names}, {}
+    if layout == "mllatest-ratings":
+        return {"user_id": "userId", "item_id": "movieId", "rating": "rating"}, {"timestamp": "timestamp"}
+    return _required(role, config), _optional(role, config)
+
+
 def _load(path: Path, role: str, config: IngestConfig) -> _Source:
     """Read one file into canonical string columns."""
     data = _read_bytes(path, role)
@@ -593,28 +701,19 @@ def _load(path: Path, role: str, config: IngestConfig) -> _Source:
     encoding: str | None = None
     if layout == "parquet":
         rows = _parse_parquet(data, path, role)
-        frame = _canonical(rows, path, role, _required(role, config), _optional(role, config))
+        frame = _canonical(rows, path, role, *_columns(layout, role, config))
     else:
         text, encoding = _decode(data, path, role, config.encoding)
         if layout == "jsonl":
             rows = _parse_jsonl(text)
             frame = _canonical(rows, path, role, _required(role, config), _optional(role, config))
-        elif layout in ("csv", "tsv"):
-            default = "\t" if layout == "tsv" else ","
-            required = _required(role, config)
-            header_line = text.split("\n", 1)[0]
-            sep = default if config.format == "tsv" else _sniff_delimiter(header_line, list(required.values()),
-                                                                          default)
+        elif layout in ("csv", "tsv", "mllatest-ratings"):
+            sep = _delimiter(text.split("\n", 1)[0], layout, role, config)
             rows = _parse_delimited(text, path, role, sep, csv.QUOTE_MINIMAL)
-            frame = _canonical(rows, path, role, required, _optional(role, config))
+            frame = _canonical(rows, path, role, *_columns(layout, role, config))
         elif layout in ("ml100k-data", "ml1m-ratings"):
-            rows = _split_lines(text, "\t" if layout == "ml100k-data" else "::",
-                                ["user_id", "item_id", "rating", "timestamp"])
-            frame = _canonical(rows, path, role, {c: c for c in rows.columns}, {})
-        elif layout == "mllatest-ratings":
-            rows = _parse_delimited(text, path, role, ",", csv.QUOTE_MINIMAL)
-            frame = _canonical(rows, path, role, {"user_id": "userId", "item_id": "movieId", "rating": "rating"},
-                               {"timestamp": "timestamp"})
+            rows = _split_lines(text, _ML_SEPARATOR[layout], list(RATINGS_SCHEMA.names))
+            frame = _canonical(rows, path, role, *_columns(layout, role, config))
         elif layout == "ml100k-item":
             names = ["item_id", "title", "release_date", "video_release_date", "imdb_url"] + [
                 f"g{i}" for i in range(len(_ML100K_GENRES))]
@@ -645,8 +744,13 @@ def _load(path: Path, role: str, config: IngestConfig) -> _Source:
             raise IngestError(f"{role} file {path}: unknown format {layout!r}")
     if rows.n == 0:
         raise IngestError(f"{role} file {path}: has no data rows")
+    return _source(rows, frame, path, role, fmt, encoding)
+
+
+def _source(rows: _Rows, frame: pd.DataFrame, path: Path, role: str, fmt: str, encoding: str | None) -> _Source:
     return _Source(path=path, role=role, fmt=fmt, encoding=encoding, data=frame, line=rows.line,
-                   malformed=np.asarray(rows.malformed, dtype=bool), raw=rows.raw, blank_lines=rows.blank_lines)
+                   malformed=np.asarray(rows.malformed, dtype=bool), raw=rows.raw, blank_lines=rows.blank_lines,
+                   last=rows.last)
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -716,10 +820,11 @@ def _validate_items(src: _Source, config: IngestConfig) -> tuple[pd.DataFrame, n
     return items, reason, extra
 
 
-def _validate_ratings(src: _Source, item_ids: pd.Series, config: IngestConfig) -> tuple[pd.DataFrame, np.ndarray]:
+def _check_ratings(src: _Source, item_ids: pd.Index, config: IngestConfig
+                   ) -> tuple[np.ndarray, pd.Series, pd.Series, np.ndarray, np.ndarray]:
+    """The row-by-row checks of ratings (every reason but duplicates): (reason, user, item, rating, seconds)."""
     d = src.data
-    n = len(d)
-    reason = np.zeros(n, dtype=np.int8)
+    reason = np.zeros(len(d), dtype=np.int8)
     user = d["user_id"].str.strip()
     item = d["item_id"].str.strip()
     rating_s = d["rating"].str.strip()
@@ -734,49 +839,391 @@ def _validate_ratings(src: _Source, item_ids: pd.Series, config: IngestConfig) -
     seconds, bad_ts = _parse_timestamps(d["timestamp"])
     _flag(reason, bad_ts, BAD_TIMESTAMP)
     _flag(reason, ~_bool(item.isin(item_ids)), UNKNOWN_ITEM)
-    # Duplicates among otherwise valid rows: keep the newest (no timestamp = oldest), ties -> the last in the file.
-    ok = np.flatnonzero(reason == 0)
-    key = np.where(np.isnan(seconds[ok]), -np.inf, seconds[ok])
-    order = ok[np.lexsort((ok, key))]
-    pairs = pd.DataFrame({"u": user.iloc[order].reset_index(drop=True), "i": item.iloc[order].reset_index(drop=True)})
-    superseded = np.zeros(n, dtype=bool)
-    superseded[order[pairs.duplicated(keep="last").to_numpy(dtype=bool)]] = True
-    _flag(reason, superseded, DUPLICATE_SUPERSEDED)
-    accepted = reason == 0
-    ratings = pd.DataFrame({
-        "user_id": user[accepted].reset_index(drop=True), "item_id": item[accepted].reset_index(drop=True),
-        "rating": rating[accepted].astype(np.float32),
-        "timestamp": pd.array(seconds[accepted], dtype="Float64").astype("Int64"),
+    return reason, user, item, rating, seconds
+
+
+def _clip_raw(records: list[str]) -> list[str]:
+    return [r if len(r) <= _RAW_MAX_CHARS else r[:_RAW_MAX_CHARS] + "...[truncated]" for r in records]
+
+
+def _quarantine_frame(path: Path, line: np.ndarray, codes: list[str], raw: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "source_file": pd.Series([str(path)] * len(line), dtype="str"),
+        "line": np.asarray(line, dtype=np.int64),
+        "reason": pd.Series(codes, dtype="str"),
+        "raw": pd.Series(_clip_raw(raw), dtype="str"),
     })
-    ratings = ratings.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
-    return conform_frame(ratings, RATINGS_SCHEMA), reason
 
 
 def _quarantine(src: _Source, reason: np.ndarray) -> pd.DataFrame:
     pos = np.flatnonzero(reason)
-    raw = [r if len(r) <= _RAW_MAX_CHARS else r[:_RAW_MAX_CHARS] + "...[truncated]" for r in src.raw(pos)]
-    return pd.DataFrame({
-        "source_file": pd.Series([str(src.path)] * len(pos), dtype="str"),
-        "line": src.line[pos].astype(np.int64),
-        "reason": pd.Series([REASON_CODES[k - 1] for k in reason[pos].tolist()], dtype="str"),
-        "raw": pd.Series(raw, dtype="str"),
-    })
+    return _quarantine_frame(src.path, src.line[pos], [REASON_CODES[k - 1] for k in reason[pos].tolist()],
+                             src.raw(pos))
 
 
-def _file_counts(src: _Source, reason: np.ndarray, codes: tuple[str, ...]) -> dict[str, Any]:
-    per_code = np.bincount(reason.astype(np.int64), minlength=len(REASON_CODES) + 1)
+def _counts(path: Path, fmt: str, encoding: str | None, per_code: np.ndarray, rows_read: int, blank_lines: int,
+            codes: tuple[str, ...]) -> dict[str, Any]:
+    """One file's entry of ``IngestResult.counts`` (``per_code[k]``: rows with reason k, 1-based)."""
     quarantined = int(per_code[1:].sum())
     return {
-        "file": str(src.path), "format": src.fmt, "encoding": src.encoding, "rows_read": len(reason),
-        "rows_accepted": len(reason) - quarantined, "rows_quarantined": quarantined,
-        "blank_lines": src.blank_lines,
+        "file": str(path), "format": fmt, "encoding": encoding, "rows_read": int(rows_read),
+        "rows_accepted": int(rows_read) - quarantined, "rows_quarantined": quarantined, "blank_lines": int(blank_lines),
         "reasons": {code: int(per_code[REASON_CODES.index(code) + 1]) for code in codes},
     }
 
 
-def _no_valid_rows(src: _Source, counts: dict[str, Any]) -> IngestError:
+def _per_code(reason: np.ndarray) -> np.ndarray:
+    return np.bincount(reason.astype(np.int64), minlength=len(REASON_CODES) + 1)
+
+
+def _file_counts(src: _Source, reason: np.ndarray, codes: tuple[str, ...]) -> dict[str, Any]:
+    return _counts(src.path, src.fmt, src.encoding, _per_code(reason), len(reason), src.blank_lines, codes)
+
+
+def _no_valid_rows(role: str, path: Path, counts: dict[str, Any]) -> IngestError:
     why = ", ".join(f"{k}={v}" for k, v in counts["reasons"].items() if v)
-    return IngestError(f"{src.role} file {src.path}: no valid rows (0 of {counts['rows_read']} accepted; {why})")
+    return IngestError(f"{role} file {path}: no valid rows (0 of {counts['rows_read']} accepted; {why})")
+
+
+RawFetcher = Callable[[np.ndarray, np.ndarray], list[str]]  # (first lines, last lines), ascending -> records
+
+
+class _RatingsAccumulator:
+    """Validates ratings batch by batch, keeping only what the result needs (internal).
+
+    Each batch gets the row checks of :func:`_check_ratings`; its rejected rows go to the quarantine at once, its
+    valid rows are kept compactly (ids as Arrow strings, rating, seconds, first and last line). Duplicates are
+    resolved over all batches in :meth:`finish`, so a pair repeated in two batches is treated as in one file.
+    """
+
+    def __init__(self, path: Path, item_ids: pd.Index, config: IngestConfig) -> None:
+        self.path, self.item_ids, self.config = path, item_ids, config
+        self.per_code = np.zeros(len(REASON_CODES) + 1, dtype=np.int64)
+        self.rows_read = 0
+        self.blank_lines = 0
+        self.quarantine: list[pd.DataFrame] = []
+        self.user: list[pa.Array] = []
+        self.item: list[pa.Array] = []
+        self.rating: list[np.ndarray] = []
+        self.seconds: list[np.ndarray] = []
+        self.line: list[np.ndarray] = []
+        self.last: list[np.ndarray] = []
+
+    def add(self, src: _Source) -> None:
+        """Check one batch of records."""
+        reason, user, item, rating, seconds = _check_ratings(src, self.item_ids, self.config)
+        self.per_code += _per_code(reason)
+        self.rows_read += len(reason)
+        self.blank_lines += src.blank_lines
+        if reason.any():
+            self.quarantine.append(_quarantine(src, reason))
+        ok = reason == 0
+        self.user.append(pa.array(user[ok], type=pa.large_string()))
+        self.item.append(pa.array(item[ok], type=pa.large_string()))
+        self.rating.append(rating[ok].astype(np.float32))
+        self.seconds.append(seconds[ok])
+        self.line.append(src.line[ok])
+        self.last.append((src.last if src.last is not None else src.line)[ok])
+
+    def finish(self, fmt: str, encoding: str | None, fetch_raw: RawFetcher
+               ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+        """(accepted ratings sorted by (user_id, item_id), quarantine by line, counts) over all batches.
+
+        Of the valid rows of a (user, item) pair the newest is kept (no timestamp = oldest; ties: the last line);
+        the others are ``duplicate_superseded``, their raw records fetched with ``fetch_raw``.
+        """
+        user = pd.Series(pa.chunked_array(self.user, pa.large_string()), dtype="str")
+        item = pd.Series(pa.chunked_array(self.item, pa.large_string()), dtype="str")
+        self.user, self.item = [], []
+        rating = np.concatenate(self.rating) if self.rating else np.zeros(0, np.float32)
+        seconds = np.concatenate(self.seconds) if self.seconds else np.zeros(0)
+        line = np.concatenate(self.line) if self.line else np.zeros(0, np.int64)
+        last = np.concatenate(self.last) if self.last else np.zeros(0, np.int64)
+        # Sorted codes: ordering by (user code, item code) is ordering by (user_id, item_id).
+        u_code, u_uniq = pd.factorize(user, sort=True)
+        i_code, i_uniq = pd.factorize(item, sort=True)
+        del user, item
+        pair = u_code.astype(np.int64) * max(len(i_uniq), 1) + i_code
+        newest = np.where(np.isnan(seconds), -np.inf, seconds)
+        order = np.lexsort((line, newest, pair))  # by pair, then age, then position in the file
+        del newest
+        sorted_pair = pair[order]
+        keep = np.ones(len(order), dtype=bool)
+        keep[:-1] = sorted_pair[1:] != sorted_pair[:-1]  # the last row of each pair in that order wins
+        del sorted_pair, pair
+        kept, superseded = order[keep], np.sort(order[~keep])
+        ratings = pd.DataFrame({
+            "user_id": pd.Series(u_uniq.take(u_code[kept]), dtype="str").reset_index(drop=True),
+            "item_id": pd.Series(i_uniq.take(i_code[kept]), dtype="str").reset_index(drop=True),
+            "rating": rating[kept],
+            "timestamp": pd.array(seconds[kept], dtype="Float64").astype("Int64"),
+        })
+        ratings = conform_frame(ratings, RATINGS_SCHEMA)
+        self.per_code[REASON_CODES.index(DUPLICATE_SUPERSEDED) + 1] += len(superseded)
+        parts = self.quarantine
+        if len(superseded):
+            parts = parts + [_quarantine_frame(self.path, line[superseded], [DUPLICATE_SUPERSEDED] * len(superseded),
+                                               fetch_raw(line[superseded], last[superseded]))]
+        if parts:
+            quarantine = pd.concat(parts, ignore_index=True)
+            quarantine = quarantine.iloc[np.argsort(quarantine["line"].to_numpy(), kind="stable")]
+            quarantine = quarantine.reset_index(drop=True)
+        else:
+            quarantine = _quarantine_frame(self.path, np.zeros(0, np.int64), [], [])
+        counts = _counts(self.path, fmt, encoding, self.per_code, self.rows_read, self.blank_lines, RATING_REASONS)
+        return ratings, quarantine, counts
+
+
+# ------------------------------------------------------------------------------------------------------- streaming
+
+
+def _open_error(path: Path, role: str, exc: OSError) -> IngestError:
+    return IngestError(f"{role} file {path}: cannot be read ({exc.strerror or exc})")
+
+
+def _head(path: Path, role: str, size: int = 4 * 65536) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(size)
+    except OSError as exc:
+        raise _open_error(path, role, exc) from exc
+
+
+def _stream_codec(path: Path, role: str, encoding: str, head: bytes, block: int) -> str:
+    """The codec for a large text file, with the small-file checks on its first bytes; ``auto`` reads the file
+    once to check that it is UTF-8 throughout (else Latin-1, as for a small file)."""
+    candidates = _encodings(head, encoding)
+    _reject_binary(head, path, role, candidates[0])
+    codec = candidates[0]
+    if len(candidates) > 1:
+        decoder = codecs.getincrementaldecoder(codec)()
+        try:
+            with open(path, "rb") as fh:
+                while block_bytes := fh.read(max(block, 1 << 20)):
+                    decoder.decode(block_bytes)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            codec = candidates[1]
+        except OSError as exc:
+            raise _open_error(path, role, exc) from exc
+    try:
+        sample = codecs.getincrementaldecoder(codec)().decode(head, final=len(head) < 4 * 65536)
+    except UnicodeDecodeError:
+        sample = ""  # reported with its line when the batch is read
+    _reject_controls(sample, path, role)
+    return codec
+
+
+def _text_chunks(path: Path, role: str, codec: str, block: int) -> Iterator[str]:
+    """The decoded text of a file with '\\n' line ends, in pieces of about ``block`` characters that each end with
+    a line end (but the last); concatenated they are exactly what :func:`_decode` returns for the whole file."""
+    decoder = codecs.getincrementaldecoder(codec)()
+    carry, lines = "", 0
+    try:
+        with open(path, "rb") as fh:
+            while True:
+                data = fh.read(block)
+                final = not data
+                try:
+                    text = carry + decoder.decode(data, final=final)
+                except UnicodeDecodeError as exc:
+                    at = lines + carry.count("\n") + data.count(b"\n", 0, max(exc.start, 0)) + 1
+                    raise IngestError(f"{role} file {path}: cannot be decoded as {_public_encoding(codec)} near line "
+                                      f"{at} ({exc})") from exc
+                hold = ""
+                if not final and text.endswith("\r"):  # maybe the first half of "\r\n"
+                    text, hold = text[:-1], "\r"
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+                if final:
+                    if text:
+                        yield text
+                    return
+                cut = text.rfind("\n") + 1
+                carry = text[cut:] + hold
+                if cut:
+                    lines += text.count("\n", 0, cut)
+                    yield text[:cut]
+    except OSError as exc:
+        raise _open_error(path, role, exc) from exc
+
+
+def _delimited_batches(path: Path, role: str, codec: str, layout: str, config: IngestConfig,
+                       quoting: int = csv.QUOTE_MINIMAL) -> Iterator[_Rows]:
+    """Batches of a delimited text with a header: whole records, the header prepended to each batch after the first.
+
+    A batch is parsed by :func:`_parse_delimited`; when it ends inside a quoted field (a record holding newlines cut
+    at the batch end, or a stray quote) it is extended with the following text, doubling, until it parses, so every
+    batch boundary is a record boundary of the whole file and the records are those of a whole-file parse.
+    """
+    chunks = _text_chunks(path, role, codec, config.stream_block_bytes)
+    prefix: str | None = None  # the header record's lines, once known
+    sep = ","
+    base = 0  # physical lines before the pending text
+    pending: list[str] = []
+    pending_chars, need = 0, 0
+    chunk = next(chunks, None)
+    while chunk is not None:
+        pending.append(chunk)
+        pending_chars += len(chunk)
+        chunk = next(chunks, None)
+        at_end = chunk is None
+        if pending_chars < need and not at_end:
+            continue
+        body = "".join(pending)
+        if prefix is None:
+            sep = _delimiter(body.split("\n", 1)[0], layout, role, config)
+        try:
+            if prefix is None:
+                rows = _parse_delimited(body, path, role, sep, quoting)
+            else:
+                rows = _parse_delimited(prefix + body, path, role, sep, quoting, line_offset=base - prefix.count("\n"))
+        except _Unterminated:
+            if at_end:
+                raise
+            pending, need = [body], 2 * len(body)
+            continue
+        if prefix is None:
+            prefix = "".join(line + "\n" for line in body.split("\n", rows.header_lines)[:rows.header_lines])
+        base += body.count("\n")
+        pending, pending_chars, need = [], 0, 0
+        yield rows
+
+
+def _parquet_file(path: Path, role: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise IngestError(f"{role} file {path}: is not a readable Parquet file ({exc})") from exc
+
+
+def _parquet_batches(path: Path, role: str, batch_rows: int) -> Iterator[tuple[pa.Table, int]]:
+    """(table, rows before it) per batch of a Parquet file."""
+    offset = 0
+    batches = _parquet_file(path, role).iter_batches(batch_size=batch_rows)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise IngestError(f"{role} file {path}: is not a readable Parquet file ({exc})") from exc
+        if batch is None:
+            return
+        yield pa.Table.from_batches([batch]), offset
+        offset += batch.num_rows
+
+
+def _fetch_text_records(path: Path, role: str, codec: str, block: int) -> RawFetcher:
+    """Records of a text file by line range, read again from the file (physical lines first..last)."""
+
+    def fetch(first: np.ndarray, last: np.ndarray) -> list[str]:
+        out: list[str] = []
+        k = 0
+        window: list[str] = []
+        window_start = 1  # line number of window[0]
+        for chunk in _text_chunks(path, role, codec, block):
+            if k == len(first):
+                break
+            lines = chunk.split("\n")
+            if chunk.endswith("\n"):
+                lines.pop()
+            window = window + lines if window else lines
+            window_end = window_start + len(window) - 1
+            while k < len(first) and last[k] <= window_end:
+                a, b = int(first[k]) - window_start, int(last[k]) - window_start
+                out.append("\n".join(window[a:b + 1]))
+                k += 1
+            drop = (int(first[k]) - window_start) if k < len(first) else len(window)
+            drop = max(0, min(drop, len(window)))
+            window = window[drop:]
+            window_start += drop
+        out.extend("" for _ in range(len(first) - k))  # beyond the end: cannot happen for lines that were read
+        return out
+
+    return fetch
+
+
+def _fetch_parquet_records(path: Path, role: str, batch_rows: int) -> RawFetcher:
+    """Records of a Parquet file by row number, read again from the file."""
+
+    def fetch(first: np.ndarray, last: np.ndarray) -> list[str]:
+        out: list[str] = []
+        k = 0
+        for table, offset in _parquet_batches(path, role, batch_rows):
+            end = offset + table.num_rows
+            j = int(np.searchsorted(first, end, side="right"))
+            if j > k:
+                out.extend(_parquet_rows(table, offset).raw(first[k:j] - 1 - offset))
+                k = j
+            if k == len(first):
+                break
+        return out
+
+    return fetch
+
+
+def _stream_ratings(path: Path, config: IngestConfig, acc: _RatingsAccumulator) -> tuple[str, str | None, RawFetcher]:
+    """Feed a large ratings file to ``acc`` batch by batch; returns (format, encoding, raw fetcher)."""
+    role = "ratings"
+    head = _head(path, role)
+    fmt, layout = _resolve_layout(path, role, config, head[:65536])
+    if layout == "jsonl":  # read whole: its columns are the union of the keys of all lines
+        src = _load(path, role, config)
+        acc.add(src)
+        return src.fmt, src.encoding, _fetch_from(src)
+    required, optional = _columns(layout, role, config)
+    n = 0
+    if layout == "parquet":
+        for table, offset in _parquet_batches(path, role, config.stream_batch_rows):
+            rows = _parquet_rows(table, offset)
+            acc.add(_source(rows, _canonical(rows, path, role, required, optional), path, role, fmt, None))
+            n += rows.n
+        if n == 0:
+            raise IngestError(f"{role} file {path}: has no data rows")
+        return fmt, None, _fetch_parquet_records(path, role, config.stream_batch_rows)
+    if not head.strip():  # as _read_bytes, on the first bytes (a file of blanks has no data rows either way)
+        raise IngestError(f"{role} file {path}: is empty")
+    codec = _stream_codec(path, role, config.encoding, head, config.stream_block_bytes)
+    encoding = _public_encoding(codec)
+    text_seen = False
+    if layout in ("ml100k-data", "ml1m-ratings"):
+        base = 0
+        for chunk in _text_chunks(path, role, codec, config.stream_block_bytes):
+            text_seen = text_seen or bool(chunk.strip())
+            rows = _split_lines(chunk, _ML_SEPARATOR[layout], list(RATINGS_SCHEMA.names), line_offset=base)
+            base += chunk.count("\n")
+            acc.add(_source(rows, _canonical(rows, path, role, required, optional), path, role, fmt, encoding))
+            n += rows.n
+    else:
+        for rows in _delimited_batches(path, role, codec, layout, config):
+            text_seen = True
+            acc.add(_source(rows, _canonical(rows, path, role, required, optional), path, role, fmt, encoding))
+            n += rows.n
+    if n == 0:
+        raise IngestError(f"{role} file {path}: " + ("has no data rows" if text_seen else "is empty"))
+    return fmt, encoding, _fetch_text_records(path, role, codec, config.stream_block_bytes)
+
+
+def _fetch_from(src: _Source) -> RawFetcher:
+    """Records of an in-memory source by first line."""
+    return lambda first, last: src.raw(np.searchsorted(src.line, first))
+
+
+def _ingest_ratings(path: Path, config: IngestConfig, item_ids: pd.Index
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Read and validate a ratings file: whole when small, in batches from ``config.stream_min_bytes`` on."""
+    role = "ratings"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _open_error(path, role, exc) from exc
+    acc = _RatingsAccumulator(path, item_ids, config)
+    if size < config.stream_min_bytes or not path.is_file():
+        src = _load(path, role, config)
+        acc.add(src)
+        fmt, encoding, fetch = src.fmt, src.encoding, _fetch_from(src)
+    else:
+        fmt, encoding, fetch = _stream_ratings(path, config, acc)
+    return acc.finish(fmt, encoding, fetch)
 
 
 # --------------------------------------------------------------------------------------------------------- hashing
@@ -788,8 +1235,10 @@ def _hash_frame(h: Any, name: str, frame: pd.DataFrame, schema: pa.Schema) -> No
         col = frame[f.name]
         h.update(f"|col:{f.name}".encode())
         if pa.types.is_string(f.type):
-            tokens = (col.str.len().astype("Int64").astype("str") + ":" + col).fillna("~")
-            h.update("".join(tokens.tolist()).encode("utf-8", "surrogatepass"))
+            for lo in range(0, len(col), _HASH_ROWS):  # in slices: the same bytes, bounded memory
+                part = col.iloc[lo:lo + _HASH_ROWS]
+                tokens = (part.str.len().astype("Int64").astype("str") + ":" + part).fillna("~")
+                h.update("".join(tokens.tolist()).encode("utf-8", "surrogatepass"))
         else:
             mask = col.isna().to_numpy(dtype=bool)
             values = col.to_numpy(dtype=np.float32 if pa.types.is_float32(f.type) else np.int64,
@@ -826,14 +1275,11 @@ def ingest(ratings_path: str | os.PathLike[str], items_path: str | os.PathLike[s
     items, item_reason, item_extra = _validate_items(items_src, config)
     item_counts = _file_counts(items_src, item_reason, ITEM_REASONS) | item_extra
     if len(items) == 0:
-        raise _no_valid_rows(items_src, item_counts)
-    ratings_src = _load(Path(ratings_path), "ratings", config)
-    ratings, rating_reason = _validate_ratings(ratings_src, items["item_id"], config)
-    rating_counts = _file_counts(ratings_src, rating_reason, RATING_REASONS)
+        raise _no_valid_rows("items", items_src.path, item_counts)
+    ratings, ratings_quarantine, rating_counts = _ingest_ratings(Path(ratings_path), config, pd.Index(items["item_id"]))
     if len(ratings) == 0:
-        raise _no_valid_rows(ratings_src, rating_counts)
-    quarantine = pd.concat([_quarantine(ratings_src, rating_reason), _quarantine(items_src, item_reason)],
-                           ignore_index=True)
+        raise _no_valid_rows("ratings", Path(ratings_path), rating_counts)
+    quarantine = pd.concat([ratings_quarantine, _quarantine(items_src, item_reason)], ignore_index=True)
     quarantine = conform_frame(quarantine, QUARANTINE_SCHEMA)
     totals = {code: rating_counts["reasons"].get(code, 0) + item_counts["reasons"].get(code, 0)
               for code in REASON_CODES}
