@@ -67,6 +67,7 @@ class ConvMF(ALSFactorModel):
         self.cnn_ = build_cnn(n_words + 1, self.als.n_factors, self.config.cnn, seed=self.seed,
                               pretrained_embeddings=None if warm_start is not None else word_vectors).to(device)
         if warm_start is not None:
+            warm_start.check_shapes(train.n_users, train.n_items, self.als.n_factors)
             self._load_warm_cnn(warm_start, n_words)
         self._optimizer = make_optimizer(self.cnn_, self.config.cnn)
         self.item_has_text_ = torch.as_tensor(documents.has_text())

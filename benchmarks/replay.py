@@ -1,0 +1,204 @@
+"""Replay ML-100K by timestamp: a nightly warm-started ConvMF against a full refit, day by day. Not run by CI.
+
+Day 0 trains on every rating before ``--start`` (00:00 UTC) with a full fit. Then, for each of ``--days`` days, the
+next day's ratings join the training data (with the users and items they bring: an item enters the catalogue
+with its first rating) and two models are fitted on the same data:
+
+* **full**: from scratch, with a fresh vocabulary built from the catalogue's descriptions and fresh CNN weights;
+* **warm**: ``fit(..., warm_start=warm_start_from(yesterday's warm model, ...))``, keeping day 0's vocabulary
+  (today's documents encoded with it); the warm models form a chain, as nightly runs would.
+
+Validation (for early stopping and for the figures printed) is the ratings of the **7 days after** the day's
+training data (``--validation-days``), restricted to users and items that have a training rating (a rating of a
+user or item first seen in those 7 days has no factors in either model). RMSE and NDCG@10 (binary relevance = any
+rating in the window; training items excluded from the lists) are computed on it; fit seconds are the ``fit`` call
+only. The refit policy's verdict (``refit_reason``) is printed but never acted on, so every day has a warm fit.
+The target (issue 7): warm within 0.005 RMSE of full at a third of its time or less.
+
+    python benchmarks/replay.py [--days 10] [--start 1998-02-01] [--quick] [--json out.json] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ml100k_data import DEFAULT_DIR, read_ml100k  # noqa: E402
+
+from convmf_core.atomic import write_file_atomic  # noqa: E402
+from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, RefitPolicy, TextConfig  # noqa: E402
+from convmf_core.data import DAY_SECONDS, IdMap, Ratings, ratings_from_frame  # noqa: E402
+from convmf_core.metrics import ranking_metrics, rmse  # noqa: E402
+from convmf_core.models.convmf import ConvMF  # noqa: E402
+from convmf_core.models.warm_start import oov_share, refit_reason, warm_start_from  # noqa: E402
+from convmf_core.text import Vocabulary, build_vocabulary, encode_documents  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Day:
+    """One replayed day: training ratings up to ``end`` (exclusive), the validation window after it, the maps."""
+
+    end: int
+    train: Ratings
+    validation: Ratings
+    users: IdMap
+    items: IdMap
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one fit gives for the table."""
+
+    model: ConvMF
+    seconds: float
+    iterations: int
+    rmse: float
+    ndcg: float
+
+
+def make_day(ratings: pd.DataFrame, text_by_item: pd.Series, end: int, validation_seconds: int) -> Day:
+    """The training data (``timestamp < end``) and validation window of a day, over the users/items seen so far."""
+    past = ratings[ratings["timestamp"] < end]
+    window = ratings[(ratings["timestamp"] >= end) & (ratings["timestamp"] < end + validation_seconds)]
+    users, items = IdMap.from_values(past["user_id"]), IdMap.from_values(past["item_id"])
+    window = window[window["user_id"].isin(users.raw_ids) & window["item_id"].isin(items.raw_ids)]
+    texts = [str(text_by_item.get(i, "")) for i in items.raw_ids]
+    return Day(end, ratings_from_frame(past, users, items), ratings_from_frame(window, users, items), users, items,
+               texts)
+
+
+def score(model: ConvMF, day: Day) -> tuple[float, float]:
+    """(RMSE, NDCG@10) on the day's validation window."""
+    val = day.validation
+    pred = model.predict(val.users, val.items)
+    rec = model.recommend(np.unique(val.users), 10, exclude=day.train)
+    return rmse(pred, val.values), ranking_metrics(rec, val, 10)["ndcg@10"]
+
+
+def fit_full(day: Day, config: ConvMFConfig, text: TextConfig) -> tuple[FitResult, Vocabulary]:
+    """A fit from scratch with a fresh vocabulary (building it is part of the timed work)."""
+    t0 = time.perf_counter()
+    vocab = build_vocabulary(day.texts, text)
+    docs = encode_documents(day.texts, vocab, text.max_length)
+    model = ConvMF(config).fit(day.train, day.validation, documents=docs, vocabulary_size=len(vocab))
+    seconds = time.perf_counter() - t0
+    return FitResult(model, seconds, len(model.history_), *score(model, day)), vocab
+
+
+def fit_warm(day: Day, config: ConvMFConfig, text: TextConfig, previous: ConvMF, previous_day: Day,
+             vocab: Vocabulary) -> FitResult:
+    """A fit warm-started from ``previous`` (fitted on ``previous_day``), keeping its vocabulary."""
+    t0 = time.perf_counter()
+    docs = encode_documents(day.texts, vocab, text.max_length)
+    ws = warm_start_from(previous, previous_day.users, previous_day.items, day.users, day.items)
+    model = ConvMF(config).fit(day.train, day.validation, documents=docs, vocabulary_size=len(vocab), warm_start=ws)
+    seconds = time.perf_counter() - t0
+    return FitResult(model, seconds, len(model.history_), *score(model, day))
+
+
+def configs(quick: bool) -> tuple[ConvMFConfig, TextConfig]:
+    """The library defaults, or (``--quick``) a small CNN and fewer iterations for a smoke run."""
+    if not quick:
+        return ConvMFConfig(), TextConfig()
+    base = ConvMFConfig()
+    return (replace(base, als=replace(base.als, max_iterations=15),
+                    cnn=CNNConfig(embedding_dim=32, n_filters=16, hidden_dim=32, epochs_per_iteration=1)),
+            TextConfig(max_length=100, vocab_size=3000))
+
+
+def main() -> None:
+    """Run the replay and print the per-day table and the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DIR, help="directory with u.data and items_text.tsv")
+    parser.add_argument("--start", default="1998-02-01", help="day D (UTC): day 0 trains on the ratings before it")
+    parser.add_argument("--days", type=int, default=None, help="days replayed after day 0 (default 10; 3 with --quick)")
+    parser.add_argument("--validation-days", type=int, default=7, help="length of the validation window in days")
+    parser.add_argument("--quick", action="store_true", help="small CNN, 15 iterations at most: a smoke run")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and summary to this file")
+    args = parser.parse_args()
+    days = args.days if args.days is not None else (3 if args.quick else 10)
+    if days < 1:
+        parser.error("--days must be at least 1")
+    torch.set_num_threads(args.threads)
+    config, text = configs(args.quick)
+
+    ratings, items = read_ml100k(args.data)
+    text_by_item = items.set_index("item_id")["text"]
+    start = int(pd.Timestamp(args.start, tz="UTC").timestamp())
+    validation_seconds = args.validation_days * DAY_SECONDS
+
+    previous_day = make_day(ratings, text_by_item, start, validation_seconds)
+    base, vocab = fit_full(previous_day, config, text)
+    print(f"day 0 (< {args.start}): {len(previous_day.train)} ratings, {len(previous_day.users)} users, "
+          f"{len(previous_day.items)} items, vocabulary {len(vocab)}; full fit {base.seconds:.1f} s, "
+          f"{base.iterations} iterations, validation RMSE {base.rmse:.4f}", file=sys.stderr, flush=True)
+    previous = base.model
+    rows: list[dict[str, Any]] = []
+    for d in range(1, days + 1):
+        day = make_day(ratings, text_by_item, start + d * DAY_SECONDS, validation_seconds)
+        new_items = np.flatnonzero(~np.isin(day.items.raw_ids, previous_day.items.raw_ids))
+        new_users = int((~np.isin(day.users.raw_ids, previous_day.users.raw_ids)).sum())
+        new_texts = [day.texts[j] for j in new_items]
+        reason = refit_reason(vocab, new_texts, len(new_items), len(day.items), RefitPolicy(), text)
+        full, _ = fit_full(day, config, text)
+        warm = fit_warm(day, config, text, previous, previous_day, vocab)
+        row = {"day": d, "date": pd.Timestamp(day.end - DAY_SECONDS, unit="s").date().isoformat(),
+               "train_ratings": len(day.train), "new_ratings": len(day.train) - len(previous_day.train),
+               "new_users": new_users, "new_items": int(len(new_items)),
+               "new_item_oov_share": oov_share(vocab, new_texts, text), "validation_ratings": len(day.validation),
+               "full_rmse": full.rmse, "warm_rmse": warm.rmse, "rmse_gap": warm.rmse - full.rmse,
+               "full_ndcg@10": full.ndcg, "warm_ndcg@10": warm.ndcg, "full_seconds": full.seconds,
+               "warm_seconds": warm.seconds, "time_ratio": warm.seconds / full.seconds,
+               "full_iterations": full.iterations, "warm_iterations": warm.iterations,
+               "refit_policy": reason or "warm start"}
+        rows.append(row)
+        print(f"day {d}: full {full.rmse:.4f} ({full.seconds:.1f} s), warm {warm.rmse:.4f} ({warm.seconds:.1f} s)",
+              file=sys.stderr, flush=True)
+        previous, previous_day = warm.model, day
+
+    print(f"| day | date | train ratings | new ratings | new users | new items | val ratings | full RMSE | warm RMSE "
+          f"| gap | full NDCG@10 | warm NDCG@10 | full s | warm s | warm/full time | iters full/warm |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['day']} | {r['date']} | {r['train_ratings']} | {r['new_ratings']} | {r['new_users']} "
+              f"| {r['new_items']} | {r['validation_ratings']} | {r['full_rmse']:.4f} | {r['warm_rmse']:.4f} "
+              f"| {r['rmse_gap']:+.4f} | {r['full_ndcg@10']:.4f} | {r['warm_ndcg@10']:.4f} | {r['full_seconds']:.1f} "
+              f"| {r['warm_seconds']:.1f} | {r['time_ratio']:.2f} | {r['full_iterations']}/{r['warm_iterations']} |")
+    gaps = np.array([r["rmse_gap"] for r in rows])
+    full_s = sum(r["full_seconds"] for r in rows)
+    warm_s = sum(r["warm_seconds"] for r in rows)
+    summary = {"days": days, "max_rmse_gap": float(gaps.max()), "mean_rmse_gap": float(gaps.mean()),
+               "mean_ndcg_gap": float(np.mean([r["warm_ndcg@10"] - r["full_ndcg@10"] for r in rows])),
+               "full_seconds_total": full_s, "warm_seconds_total": warm_s, "time_ratio": warm_s / full_s,
+               "target_met": bool(gaps.max() <= 0.005 and warm_s / full_s <= 1 / 3)}
+    print(f"\nsummary: warm - full RMSE max {summary['max_rmse_gap']:+.4f}, mean {summary['mean_rmse_gap']:+.4f}; "
+          f"NDCG@10 mean gap {summary['mean_ndcg_gap']:+.4f}; time {warm_s:.1f} s warm vs {full_s:.1f} s full "
+          f"(ratio {summary['time_ratio']:.2f}); target (gap <= 0.005 at ratio <= 0.33): "
+          f"{'met' if summary['target_met'] else 'NOT met'}")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__} on "
+          f"{torch.get_num_threads()} thread(s); config: {'quick' if args.quick else 'library defaults'}; "
+          f"day 0 = ratings before {args.start}; validation = the {args.validation_days} days after each day")
+    if args.json is not None:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "config": asdict(config),
+                   "text_config": asdict(text), "day0": {"ratings": len(previous_day.train) if not rows else
+                                                         rows[0]["train_ratings"] - rows[0]["new_ratings"],
+                                                         "full_rmse": base.rmse, "full_seconds": base.seconds},
+                   "rows": rows, "summary": summary}
+        write_file_atomic(args.json, lambda f: f.write(json.dumps(payload, indent=1)), text=True)
+
+
+if __name__ == "__main__":
+    main()
