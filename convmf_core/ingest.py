@@ -885,6 +885,28 @@ def _no_valid_rows(role: str, path: Path, counts: dict[str, Any]) -> IngestError
     return IngestError(f"{role} file {path}: no valid rows (0 of {counts['rows_read']} accepted; {why})")
 
 
+def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """Concatenate and empty ``parts`` (so that the pieces can be freed)."""
+    out = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+    parts.clear()
+    return out
+
+
+def _sorted_codes(parts: list[pa.Array]) -> tuple[np.ndarray, pa.Array]:
+    """(code of each value, the distinct values in ascending order): codes order as the values do (Unicode code
+    points, as pandas sorts strings)."""
+    values = pa.chunked_array(parts, pa.large_string()).combine_chunks()
+    parts.clear()
+    encoded = pc.dictionary_encode(values)
+    del values
+    dictionary = encoded.dictionary
+    order = pc.sort_indices(dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order), dtype=np.int64)
+    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    return codes, dictionary.take(pa.array(order))
+
+
 RawFetcher = Callable[[np.ndarray, np.ndarray], list[str]]  # (first lines, last lines), ascending -> records
 
 
@@ -907,7 +929,7 @@ class _RatingsAccumulator:
         self.rating: list[np.ndarray] = []
         self.seconds: list[np.ndarray] = []
         self.line: list[np.ndarray] = []
-        self.last: list[np.ndarray] = []
+        self.span: list[np.ndarray] = []  # last line - first line (records with newlines in quoted fields)
 
     def add(self, src: _Source) -> None:
         """Check one batch of records."""
@@ -923,7 +945,8 @@ class _RatingsAccumulator:
         self.rating.append(rating[ok].astype(np.float32))
         self.seconds.append(seconds[ok])
         self.line.append(src.line[ok])
-        self.last.append((src.last if src.last is not None else src.line)[ok])
+        span = np.zeros(int(ok.sum()), np.int32) if src.last is None else (src.last - src.line)[ok].astype(np.int32)
+        self.span.append(span)
 
     def finish(self, fmt: str, encoding: str | None, fetch_raw: RawFetcher
                ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -932,38 +955,38 @@ class _RatingsAccumulator:
         Of the valid rows of a (user, item) pair the newest is kept (no timestamp = oldest; ties: the last line);
         the others are ``duplicate_superseded``, their raw records fetched with ``fetch_raw``.
         """
-        user = pd.Series(pa.chunked_array(self.user, pa.large_string()), dtype="str")
-        item = pd.Series(pa.chunked_array(self.item, pa.large_string()), dtype="str")
+        u_code, u_uniq = _sorted_codes(self.user)
+        i_code, i_uniq = _sorted_codes(self.item)
         self.user, self.item = [], []
-        rating = np.concatenate(self.rating) if self.rating else np.zeros(0, np.float32)
-        seconds = np.concatenate(self.seconds) if self.seconds else np.zeros(0)
-        line = np.concatenate(self.line) if self.line else np.zeros(0, np.int64)
-        last = np.concatenate(self.last) if self.last else np.zeros(0, np.int64)
+        rating = _concat(self.rating, np.float32)
+        seconds = _concat(self.seconds, np.float64)
+        line = _concat(self.line, np.int64)
+        span = _concat(self.span, np.int32)
         # Sorted codes: ordering by (user code, item code) is ordering by (user_id, item_id).
-        u_code, u_uniq = pd.factorize(user, sort=True)
-        i_code, i_uniq = pd.factorize(item, sort=True)
-        del user, item
         pair = u_code.astype(np.int64) * max(len(i_uniq), 1) + i_code
         newest = np.where(np.isnan(seconds), -np.inf, seconds)
         order = np.lexsort((line, newest, pair))  # by pair, then age, then position in the file
         del newest
         sorted_pair = pair[order]
+        del pair
         keep = np.ones(len(order), dtype=bool)
         keep[:-1] = sorted_pair[1:] != sorted_pair[:-1]  # the last row of each pair in that order wins
-        del sorted_pair, pair
+        del sorted_pair
         kept, superseded = order[keep], np.sort(order[~keep])
+        del order, keep
         ratings = pd.DataFrame({
-            "user_id": pd.Series(u_uniq.take(u_code[kept]), dtype="str").reset_index(drop=True),
-            "item_id": pd.Series(i_uniq.take(i_code[kept]), dtype="str").reset_index(drop=True),
+            "user_id": _str_series(u_uniq.take(pa.array(u_code[kept]))),
+            "item_id": _str_series(i_uniq.take(pa.array(i_code[kept]))),
             "rating": rating[kept],
             "timestamp": pd.array(seconds[kept], dtype="Float64").astype("Int64"),
         })
+        del u_code, i_code, rating, seconds, kept
         ratings = conform_frame(ratings, RATINGS_SCHEMA)
         self.per_code[REASON_CODES.index(DUPLICATE_SUPERSEDED) + 1] += len(superseded)
         parts = self.quarantine
         if len(superseded):
             parts = parts + [_quarantine_frame(self.path, line[superseded], [DUPLICATE_SUPERSEDED] * len(superseded),
-                                               fetch_raw(line[superseded], last[superseded]))]
+                                               fetch_raw(line[superseded], line[superseded] + span[superseded]))]
         if parts:
             quarantine = pd.concat(parts, ignore_index=True)
             quarantine = quarantine.iloc[np.argsort(quarantine["line"].to_numpy(), kind="stable")]
