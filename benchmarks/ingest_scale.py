@@ -117,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the data (default: a temp dir)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "RATINGS", "ITEMS"), help=argparse.SUPPRESS)
+    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
+        return 0
+    if args.make:
+        make_files(args.make, args.rows, args.users, args.items)
         return 0
     modes = args.modes.split(",") if args.modes else (
         ["stream", "whole"] if args.rows <= args.whole_max_rows else ["stream"])
@@ -129,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="ingest-scale-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        ratings, items = make_files(workdir, args.rows, args.users, args.items)
+        # In a child too, so that this process stays small (a child's ru_maxrss can start from its parent's).
+        subprocess.run([sys.executable, __file__, "--make", str(workdir), "--rows", str(args.rows), "--users",
+                        str(args.users), "--items", str(args.items)], check=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        ratings, items = workdir / "ratings.csv", workdir / "items.csv"
         gen_s = time.perf_counter() - t0
         file_mb = ratings.stat().st_size / 2**20
         results = {mode: run_child(mode, ratings, items) for mode in modes}

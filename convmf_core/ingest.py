@@ -394,6 +394,30 @@ def _sniff_delimiter(header_line: str, required: list[ColumnSpec], default: str)
 _EXTRA_FIELDS = 64  # fields beyond the header's read when a row has too many (a non-empty one makes it malformed)
 
 
+def _read_fields(text: str, width: int, options: dict[str, Any], nrows: int | None = None) -> pd.DataFrame:
+    """All records of ``text`` as columns 0.. of strings: the header's ``width`` plus one, or more (up to
+    ``width + _EXTRA_FIELDS``) when a row has more fields."""
+    try:
+        return pd.read_csv(io.StringIO(text), names=list(range(width + 1)), nrows=nrows, **options)
+    except pd.errors.ParserError as exc:
+        saw = re.search(r"Expected \d+ fields in line \d+, saw (\d+)", str(exc))
+        if saw is None:
+            raise
+        # usecols refuses more names than the widest row has: take the width of the row that failed.
+        wide = list(range(max(width + 1, min(int(saw.group(1)), width + _EXTRA_FIELDS))))
+        return pd.read_csv(io.StringIO(text), names=wide, usecols=wide, low_memory=False, nrows=nrows, **options)
+
+
+def _record_line(text: str, record: int, width: int, options: dict[str, Any]) -> int:
+    """The physical line on which record ``record`` (0-based, the header is record 0) of ``text`` starts."""
+    try:
+        head = _read_fields(text, width, options, nrows=record)
+    except (pd.errors.ParserError, ValueError):
+        return record + 1  # as if no field held a newline
+    newlines = sum(int(head[c].str.count("\n").sum()) for c in head.columns)
+    return record + newlines + 1
+
+
 def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int, line_offset: int = 0) -> _Rows:
     """Split a delimited text with a header row (pandas' C parser, every field read as a string).
 
@@ -408,19 +432,14 @@ def _parse_delimited(text: str, path: Path, role: str, sep: str, quoting: int, l
     options: dict[str, Any] = dict(sep=sep, header=None, dtype=str, na_filter=False, index_col=False,
                                    skip_blank_lines=False, quoting=quoting, engine="c")
     try:
-        try:
-            frame = pd.read_csv(io.StringIO(text), names=list(range(width + 1)), **options)
-        except pd.errors.ParserError as exc:
-            saw = re.search(r"Expected \d+ fields in line \d+, saw (\d+)", str(exc))
-            if saw is None:
-                raise
-            # usecols refuses more names than the widest row has: take the width of the row that failed.
-            wide = list(range(max(width + 1, min(int(saw.group(1)), width + _EXTRA_FIELDS))))
-            frame = pd.read_csv(io.StringIO(text), names=wide, usecols=wide, low_memory=False, **options)
+        frame = _read_fields(text, width, options)
     except (pd.errors.ParserError, ValueError) as exc:
         message = f"{role} file {path}: cannot be parsed as delimited text ({str(exc).strip()})"
-        if "EOF inside string" in str(exc):
-            raise _Unterminated(message) from exc
+        open_quote = re.search(r"EOF inside string starting at row (\d+)", str(exc))
+        if open_quote:
+            line = _record_line(text, int(open_quote.group(1)), width, options) + line_offset
+            raise _Unterminated(f"{role} file {path}: line {line}: a quoted field opened in this record is never "
+                                f"closed (an unmatched '\"')") from exc
         raise IngestError(message) from exc
     if len(frame) == 0:
         raise IngestError(f"{role} file {path}: is empty")
