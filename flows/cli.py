@@ -85,6 +85,12 @@ def _add_stack(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--gpu-devices", help="CUDA_VISIBLE_DEVICES of gpu-pool runs [CONVMF_GPU_DEVICES] (default 0)")
     p.add_argument("--timeout", type=float, dest="startup_timeout_s",
                    help="seconds to wait for each part to start [CONVMF_STACK_STARTUP_TIMEOUT] (default 240)")
+    p.add_argument("--auth", action="store_const", const=True, default=None,
+                   help="require credentials on both servers on 127.0.0.1 too [CONVMF_STACK_AUTH] (always on when "
+                        "--host is not a loopback address)")
+    p.add_argument("--credentials-file", help="file with one line user:password, mode 0600, outside the project "
+                                              "[CONVMF_STACK_CREDENTIALS_FILE] (else $CONVMF_STACK_USERNAME and "
+                                              "$CONVMF_STACK_PASSWORD)")
     p = actions.add_parser("down", help="stop the workers, then the servers; leaves no process behind",
                            description="Stop the stack: workers first, then both servers (SIGTERM, wait, SIGTERM "
                                        "again, wait, SIGKILL, for each process group).")
@@ -109,7 +115,8 @@ def _run_stack(args: argparse.Namespace) -> int:
     if args.stack_command == "up":
         options = {key: getattr(args, key) for key in ("host", "prefect_port", "mlflow_port", "backend_store_uri",
                                                        "artifacts_destination", "prefect_home", "log_dir",
-                                                       "timezone", "gpu_devices", "startup_timeout_s")}
+                                                       "timezone", "gpu_devices", "startup_timeout_s", "auth",
+                                                       "credentials_file")}
         config = stack.StackConfig.from_env(home=_stack_home(args), **options)
         try:
             state = stack.up(config, echo=lambda message: print(message, flush=True))
@@ -121,6 +128,9 @@ def _run_stack(args: argparse.Namespace) -> int:
         print(f"  MLflow UI:   {config.mlflow_url}   (export MLFLOW_TRACKING_URI={config.mlflow_url})")
         print(f"  deployments: {', '.join(state['deployments'])}")
         print(f"  logs:        {state['log_dir']}")
+        if state["auth"]["enabled"]:
+            print(f"  auth:        both servers require user {state['auth']['username']!r} (clients: "
+                  "PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
         print("  stop with:   convmf stack down" + (f" --home {config.home}" if args.home else ""))
         return 0
     if args.stack_command == "down":
@@ -218,13 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             params["run_date"] = args.run_date
         print(scoring_flow(ScoringParams.model_validate(params)))
     elif args.command == "rollback":
-        from tasks.register import use_tracking_uri
-        from tasks.registry import rollback_champion
+        from tasks.register import rollback_model
 
         storage = StorageParams.model_validate(_storage(args))
-        use_tracking_uri(storage.resolved_tracking_uri())
-        version = rollback_champion(args.model_name or "convmf")
-        print(f"champion is now version {version}")
+        move = rollback_model(args.model_name or "convmf", storage.resolved_tracking_uri())  # recorded as artifacts
+        print(f"champion is now version {move.to_version}")
     return 0
 
 

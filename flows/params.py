@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from convmf_core.config import ConvMFConfig, RefitPolicy, TextConfig
 from convmf_core.data import DAY_SECONDS, time_split
 from convmf_core.ingest import IngestConfig
+from convmf_core.metrics import GATE_METRIC_PATTERN, GatePolicy
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # A Dask scheduler: tcp://host:port (or tls://, ws://, wss://, ucx://), or host:port.
@@ -339,10 +340,13 @@ class FlowDefaults(BaseModel):
 
     split_kind: SplitKind
     warm_start: bool
+    gate_metric: str = Field("rmse", pattern=GATE_METRIC_PATTERN)
 
 
-RETRAIN_DEFAULTS = FlowDefaults(split_kind="random", warm_start=False)
-NIGHTLY_DEFAULTS = FlowDefaults(split_kind="time", warm_start=True)
+# The gate: retrain keeps the paper's RMSE; the nightly run judges what users see, the top-10 ranking (NDCG@10).
+RETRAIN_DEFAULTS = FlowDefaults(split_kind="random", warm_start=False, gate_metric="rmse")
+NIGHTLY_DEFAULTS = FlowDefaults(split_kind="time", warm_start=True, gate_metric="ndcg@10")
+_GATE = GatePolicy()  # the gate's tolerances: their defaults live in convmf_core.metrics.GatePolicy
 
 
 class TrainingParams(_Params):
@@ -375,6 +379,8 @@ class TrainingParams(_Params):
             update["split"] = self.split.model_copy(update={"kind": defaults.split_kind})
         if self.warm_start.enabled is None:
             update["warm_start"] = self.warm_start.model_copy(update={"enabled": defaults.warm_start})
+        if self.gate_metric is None:
+            update["gate_metric"] = defaults.gate_metric
         return self.model_copy(update=update) if update else self
     # The sanity gate before training (tasks/guards.py): a collapsed or badly broken input stops the run.
     gate_max_ratings_drop: float = Field(0.5, ge=0.0, le=1.0, description="Stop before training when accepted "
@@ -383,6 +389,21 @@ class TrainingParams(_Params):
                                              "than this share of a file's rows was quarantined")
     override_gate: bool = Field(False, description="Train even when the sanity gate fails (a deliberate "
                                 "catalogue change); the failure is still logged and tagged")
+    # The champion/challenger gate (tasks/register.py promote_model): both models on this run's validation split.
+    gate_metric: str | None = Field(None, pattern=GATE_METRIC_PATTERN, description="'rmse' or 'ndcg@N': the "
+                                    "challenger must beat the champion on it (null: the flow's default, nightly "
+                                    "ndcg@10, retrain rmse)")
+    gate_other_tolerance: float = Field(_GATE.other_tolerance, ge=0.0, le=1.0, description="Refuse a challenger "
+                                        "worse than the champion by more than this share on the other metric")
+    gate_cold_tolerance: float = Field(_GATE.cold_tolerance, ge=0.0, le=1.0, description="Refuse a challenger "
+                                       "worse than the champion by more than this share on the gate metric "
+                                       "measured on the cold-item slice")
+
+    def gate_policy(self) -> GatePolicy:
+        """The gate as the library's :class:`GatePolicy` (an unset metric is retrain's default, RMSE)."""
+        return GatePolicy(metric=self.gate_metric or RETRAIN_DEFAULTS.gate_metric,
+                          other_tolerance=self.gate_other_tolerance, cold_tolerance=self.gate_cold_tolerance,
+                          other_n=self.eval_n)
 
 
 class ScoringParams(ShardRunnerParams):

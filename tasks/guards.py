@@ -28,7 +28,7 @@ DATA_HASH_TAG = "data_hash"
 # TrainingParams fields that do not change the model a run produces: where it is stored, how the gate is set, and
 # where tokenization shards run (identical result).
 NON_MODEL_FIELDS = frozenset({"storage", "override_gate", "gate_max_ratings_drop", "gate_max_quarantine_share",
-                              "tokenize"})
+                              "tokenize", "gate_metric", "gate_other_tolerance", "gate_cold_tolerance"})
 
 
 class DataGateError(RuntimeError):

@@ -17,14 +17,19 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from convmf_core.persistence import load_model
-from tasks.registry import (CHAMPION_ALIAS, ModelVersionInfo, PromotionDecision, bundle_rmse, get_alias_version,
-                            log_model_version, promote)
+from convmf_core.data import Ratings, Split
+from convmf_core.metrics import GatePolicy, cold_items_of, evaluate, higher_is_better
+from convmf_core.models.base import Recommender, ScoringFactors
+from convmf_core.persistence import ModelBundle, load_model
+from tasks.registry import (CHAMPION_ALIAS, ModelVersionInfo, PromotionDecision,
+                            alias_move_markdown, bundle_rmse, get_alias_version, log_model_version, promote,
+                            rollback_champion)
 from tasks.train import TrainedModel, read_split
-from tasks.tracking import RunRef, with_retries
+from tasks.tracking import RunRef, mlflow_key, with_retries
 
 PROMOTION_METRIC = "validation_rmse"
 
@@ -111,33 +116,148 @@ def champion_evaluator(model_name: str, validation: ValidationSet,
     return evaluate
 
 
+class _FixedFactors(Recommender):
+    """A fitted model given as its :class:`ScoringFactors` (predict / recommend of the shared model API)."""
+
+    def __init__(self, factors: ScoringFactors) -> None:
+        self._factors = factors
+
+    def fit(self, train: Ratings, validation: Ratings | None = None, *, callback=None) -> "_FixedFactors":
+        """Not trainable: it only scores."""
+        raise NotImplementedError("a re-indexed model scores only")
+
+    def scoring_factors(self) -> ScoringFactors:
+        """The factors it was built from."""
+        return self._factors
+
+
+def reindexed_model(bundle: ModelBundle, user_ids: np.ndarray, item_ids: np.ndarray) -> Recommender:
+    """``bundle``'s model in another run's index space: row ``u`` scores raw user ``user_ids[u]`` and column ``j``
+    raw item ``item_ids[j]``. Ids the bundle never saw get its average user / item row (global mean plus average
+    biases and factors), exactly as the served pyfunc scores them, so another run's metrics apply unchanged."""
+    f = bundle.model.scoring_factors()
+    users = torch.cat([f.user, f.user.mean(dim=0, keepdim=True)])
+    items = torch.cat([f.item, f.item.mean(dim=0, keepdim=True)])
+    u = bundle.user_map.to_index(np.asarray(user_ids), unknown="minus_one")
+    i = bundle.item_map.to_index(np.asarray(item_ids), unknown="minus_one")
+    u[u < 0] = len(f.user)
+    i[i < 0] = len(f.item)
+    return _FixedFactors(ScoringFactors(users[torch.as_tensor(u)], items[torch.as_tensor(i)], f.offset, f.clip))
+
+
+def gate_figures(model: Recommender, split: Split, policy: GatePolicy) -> dict[str, float]:
+    """The figures of :meth:`GatePolicy.figure_keys` of ``model`` on ``split.validation`` (lists exclude each
+    user's training items; the cold slice is the items with no training rating, ranked among themselves)."""
+    cold = cold_items_of(split.train)
+    measured = evaluate(model, split.train, split.validation, n=policy.n, cold_items=cold)
+    return {key: float(measured[key]) for key in policy.figure_keys()}
+
+
+def champion_figures_evaluator(model_name: str, trained: TrainedModel, policy: GatePolicy,
+                               destination: Path) -> Callable[[ModelVersion], dict[str, float]]:
+    """``champion_metric`` for :func:`tasks.registry.promote` with a gate policy: downloads a version's bundle and
+    measures it on this run's validation split, in this run's index space (:func:`reindexed_model`)."""
+    mine = load_model(trained.bundle_dir)
+    split, _ = read_split(trained.split_dir, mine.model.n_users, mine.model.n_items)
+
+    def measure(found: ModelVersion) -> dict[str, float]:
+        bundle_dir, _ = download_version(model_name, str(found.version), destination)
+        champion = reindexed_model(load_model(bundle_dir), mine.user_map.raw_ids, mine.item_map.raw_ids)
+        return gate_figures(champion, split, policy)
+
+    return measure
+
+
+def candidate_figures(trained: TrainedModel, policy: GatePolicy) -> dict[str, float]:
+    """The challenger's own figures on its validation split (see :func:`gate_figures`)."""
+    bundle = load_model(trained.bundle_dir)
+    split, _ = read_split(trained.split_dir, bundle.model.n_users, bundle.model.n_items)
+    return gate_figures(bundle.model, split, policy)
+
+
 @task(name="promote")
-def promote_model(version: ModelVersionInfo, trained: TrainedModel, run: RunRef) -> PromotionDecision:
-    """Move ``champion`` to the new version only if its validation RMSE beats the champion's evaluated on this
-    run's validation split (like with like), and beats the global-mean predictor on the same split; otherwise
-    alias it ``challenger``. NaN/inf metrics, factors or predictions never win. The record (both figures, the
-    baseline, time, run, previous version, reason) goes to model-version tags and a markdown artifact."""
+def promote_model(version: ModelVersionInfo, trained: TrainedModel, run: RunRef,
+                  policy: GatePolicy = GatePolicy()) -> PromotionDecision:
+    """Move ``champion`` to the new version only if it beats the champion on ``policy.metric`` (RMSE or NDCG@N),
+    both measured on this run's validation split (like with like), without regressing beyond the policy's
+    tolerances on the other metric or on the cold-item slice, and beats the global-mean predictor's RMSE on the
+    same split; otherwise alias it ``challenger``. NaN/inf metrics, factors or predictions never win. The record
+    (both models' figures, the baseline, time, run, previous version, reason) goes to model-version tags, the
+    ``promotion`` markdown artifact and the run's ``promotion/decision.md``."""
     use_tracking_uri(run.tracking_uri)
     logger = get_run_logger()
-    value = trained.best_validation_rmse
     validation = validation_set(trained)
     baseline = validation.baseline_rmse()
     problems = model_problems(trained.bundle_dir, validation)
+    figures = candidate_figures(trained, policy)
+    value = figures[policy.metric]
     downloads = trained.split_dir.parent / "champion"
     try:
-        decision = promote(version.name, version.version, PROMOTION_METRIC,
+        decision = promote(version.name, version.version, f"validation_{mlflow_key(policy.metric)}",
                            value if math.isfinite(value) else float("nan"),
-                           champion_metric=champion_evaluator(version.name, validation, downloads),
-                           baseline_value=baseline, problems=problems, run_id=run.run_id)
+                           higher_is_better=higher_is_better(policy.metric),
+                           champion_metric=champion_figures_evaluator(version.name, trained, policy, downloads),
+                           baseline_value=baseline if policy.metric == "rmse" else None, problems=problems
+                           + _baseline_problem(figures["rmse"], baseline, policy), run_id=run.run_id,
+                           policy=policy, candidate_figures=figures)
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
-    logger.info("promotion of %s v%s: %s", version.name, version.version, decision.reason)
+    logger.info("promotion of %s v%s (gate %s): %s", version.name, version.version, policy.metric, decision.reason)
+    reevaluated = decision.champion_value_source == "this run's validation split"
+    champion = decision.champion_figures or {}
     run.log_metrics({"global_mean_validation_rmse": baseline,
-                     "champion_validation_rmse_on_this_split": decision.champion_value
-                     if decision.champion_value_source == "this run's validation split" else None})
-    run.set_tags({"promotion": "champion" if decision.promoted else "challenger", "promotion_reason": decision.reason})
+                     "champion_validation_rmse_on_this_split": champion.get("rmse") if reevaluated else None,
+                     **{f"gate_candidate_{k}": v for k, v in figures.items()},
+                     **{f"gate_champion_{k}": v for k, v in champion.items()}})
+    run.set_tags({"promotion": "champion" if decision.promoted else "challenger", "promotion_reason": decision.reason,
+                  "gate_metric": policy.metric})
+    run.log_text(decision.markdown, "promotion/decision.md")
     create_markdown_artifact(decision.markdown, key="promotion", description="Champion/challenger decision")
     return decision
+
+
+def _baseline_problem(rmse: float, baseline: float, policy: GatePolicy) -> list[str]:
+    """With an NDCG gate, the global-mean rule still holds on RMSE (with an RMSE gate :func:`promote` checks it)."""
+    if policy.metric == "rmse" or not (math.isfinite(rmse) and math.isfinite(baseline)) or rmse < baseline:
+        return []
+    return [f"rmse {rmse:.4f} is no better than the global-mean predictor's {baseline:.4f} on the same split"]
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """A recorded alias move: which alias, from and to which version, when, and the markdown record."""
+
+    model_name: str
+    alias: str
+    from_version: str
+    to_version: str
+    time: str
+    markdown: str
+
+
+@task(name="rollback")
+def rollback_model(model_name: str, tracking_uri: str) -> AliasMove:
+    """``convmf rollback``: point ``champion`` back at the version it replaced (:func:`rollback_champion`), and
+    record the move in the ``alias-move`` markdown artifact and as ``promotion/rollback-<time>.md`` in the MLflow
+    runs of both versions."""
+    use_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    current = get_alias_version(model_name, CHAMPION_ALIAS)
+    from_version = None if current is None else str(current.version)
+    to_version = rollback_champion(model_name)
+    when = client.get_model_version(model_name, to_version).tags.get("promotion.restored_time", "")
+    reason = f"`convmf rollback`: version {from_version} rolled back to the champion it replaced"
+    markdown = "\n".join([f"### Model `{model_name}`: champion rolled back to version {to_version}", "",
+                           alias_move_markdown(model_name, [(CHAMPION_ALIAS, to_version, from_version)], when, reason),
+                           "", f"Version {from_version} is tagged `promotion.decision = rolled_back`; version "
+                           f"{to_version} `promotion.restored_from = {from_version}`."])
+    for version in (from_version, to_version):
+        run_id = client.get_model_version(model_name, version).run_id
+        if run_id:
+            stamp = when.replace(":", "").replace("+", "Z")
+            with_retries(lambda: client.log_text(run_id, markdown, f"promotion/rollback-{stamp}.md"), "log text")
+    create_markdown_artifact(markdown, key="alias-move", description=f"Alias move of {model_name}")
+    return AliasMove(model_name, CHAMPION_ALIAS, from_version or "", to_version, when, markdown)
 
 
 @dataclass(frozen=True)

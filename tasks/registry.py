@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import mlflow
 import numpy as np
@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from packaging.version import Version
 
+from convmf_core.metrics import GatePolicy, guard_violations, higher_is_better as metric_higher_is_better
 from convmf_core.persistence import read_manifest
 from tasks.pyfunc import DEFAULT_N, _Scorer, model_signature
 
@@ -36,6 +37,7 @@ __all__ = [
     "CHAMPION_ALIAS",
     "ModelVersionInfo",
     "PromotionDecision",
+    "alias_move_markdown",
     "bundle_rmse",
     "get_alias_version",
     "load_champion",
@@ -181,6 +183,12 @@ class PromotionDecision:
     attempts: int = 1  # comparisons made (more than one when the champion moved during the decision)
     time: str = ""
     run_id: str | None = None
+    # With a GatePolicy: every figure of both models on the candidate's validation split (gate metric, the other
+    # metric, both on the cold-item slice), the policy, and the guard rails that could not be checked.
+    candidate_figures: Mapping[str, float] | None = None
+    champion_figures: Mapping[str, float] | None = None
+    policy: GatePolicy | None = None
+    guard_notes: tuple[str, ...] = ()
 
 
 def _recorded_metric(client: MlflowClient, version: ModelVersion, metric_name: str) -> float | None:
@@ -216,12 +224,21 @@ TAG_CHAMPION_SOURCE = "promotion.champion_value_source"
 TAG_CHAMPION_RECORDED = "promotion.champion_recorded_value"
 TAG_BASELINE = "promotion.global_mean_value"
 TAG_ATTEMPTS = "promotion.attempts"
+TAG_POLICY = "promotion.gate_policy"
+TAG_CANDIDATE_FIGURE = "promotion.candidate."  # + figure name, '@' written '_at_'
+TAG_CHAMPION_FIGURE = "promotion.champion."
 MAX_PROMOTION_ATTEMPTS = 3
+
+
+def _tag_key(name: str) -> str:
+    return name.replace("@", "_at_")
 
 
 def _decide(version: str, previous: str | None, candidate: float, champion_value: float | None,
             baseline: float | None, problems: list[str], metric_name: str,
-            higher_is_better: bool) -> tuple[bool, str]:
+            higher_is_better: bool, policy: GatePolicy | None = None,
+            candidate_figures: Mapping[str, float] | None = None,
+            champion_figures: Mapping[str, float] | None = None) -> tuple[bool, str]:
     better = "higher" if higher_is_better else "lower"
 
     def beats(a: float, b: float) -> bool:
@@ -240,19 +257,32 @@ def _decide(version: str, previous: str | None, candidate: float, champion_value
         return True, "no champion yet"
     if champion_value is None or not math.isfinite(champion_value):
         return True, f"champion version {previous} has no finite {metric_name} recorded"
-    if beats(candidate, champion_value):
-        return True, f"{metric_name} {candidate:.4f} beats the champion's {champion_value:.4f} ({better} is better)"
-    return False, (f"{metric_name} {candidate:.4f} does not beat the champion's {champion_value:.4f} "
-                   f"({better} is better)")
+    if not beats(candidate, champion_value):
+        return False, (f"{metric_name} {candidate:.4f} does not beat the champion's {champion_value:.4f} "
+                       f"({better} is better)")
+    wins = f"{metric_name} {candidate:.4f} beats the champion's {champion_value:.4f} ({better} is better)"
+    if policy is not None:
+        violations, _ = guard_violations(candidate_figures or {}, champion_figures or {}, policy)
+        if violations:
+            return False, f"{wins}, but {'; '.join(violations)}"
+    return True, wins
 
 
 def promote(model_name: str, version: str, metric_name: str, candidate_value: float, *,
             higher_is_better: bool = False,
-            champion_metric: Callable[[ModelVersion], float | None] | None = None,
+            champion_metric: Callable[[ModelVersion], float | Mapping[str, float] | None] | None = None,
             baseline_value: float | None = None, problems: Sequence[str] = (), run_id: str | None = None,
             max_attempts: int = MAX_PROMOTION_ATTEMPTS,
-            before_alias_move: Callable[[int], None] | None = None) -> PromotionDecision:
+            before_alias_move: Callable[[int], None] | None = None, policy: GatePolicy | None = None,
+            candidate_figures: Mapping[str, float] | None = None) -> PromotionDecision:
     """Make ``version`` the champion if ``candidate_value`` is finite and strictly beats the champion's metric.
+
+    * With ``policy`` (:class:`convmf_core.metrics.GatePolicy`), ``candidate_value`` is the candidate's figure of
+      ``policy.metric``, ``candidate_figures`` holds all of ``policy.figure_keys()``, and ``champion_metric``
+      returns the champion's figures as a mapping with the same keys: a candidate that beats the champion on the
+      gate metric is still refused when it regresses beyond the policy's tolerances on the other metric or on the
+      cold-item slice (:func:`convmf_core.metrics.guard_violations`). Both models' figures go to the tags
+      (``promotion.candidate.<figure>``, ``promotion.champion.<figure>``) and to ``markdown``.
 
     * The champion's figure: ``champion_metric(champion_version)`` when given (the pipeline evaluates the champion
       on the candidate's own validation split, so both figures are measured on the same data), else its version
@@ -286,13 +316,18 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
         previous = _version_of(current)
         recorded = _recorded_metric(client, current, metric_name) if current is not None else None
         champion_value, source = recorded, "recorded" if current is not None else "none"
+        champion_figures: dict[str, float] = {}
         if current is not None and previous != version and champion_metric is not None:
             try:
-                champion_value, source = champion_metric(current), "this run's validation split"
+                measured = champion_metric(current)
+                if isinstance(measured, Mapping):
+                    champion_figures = {k: float(v) for k, v in measured.items()}
+                    measured = champion_figures.get(policy.metric if policy is not None else metric_name)
+                champion_value, source = measured, "this run's validation split"
             except Exception as exc:  # fall back to its recorded figure: a failed download must not promote
                 source = f"recorded (re-evaluation failed: {type(exc).__name__}: {exc})"[:500]
         promoted, reason = _decide(version, previous, candidate, champion_value, baseline_value, problems,
-                                   metric_name, higher_is_better)
+                                   metric_name, higher_is_better, policy, candidate_figures, champion_figures)
         if before_alias_move is not None:
             before_alias_move(attempt)
         now = _version_of(get_alias_version(model_name, CHAMPION_ALIAS))
@@ -325,6 +360,15 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
             TAG_CHAMPION_VALUE: "" if champion_value is None else repr(float(champion_value)),
             TAG_CHAMPION_SOURCE: source, TAG_CHAMPION_RECORDED: "" if recorded is None else repr(float(recorded)),
             TAG_BASELINE: "" if baseline_value is None else repr(float(baseline_value)), TAG_ATTEMPTS: str(attempt)}
+    figures = dict(candidate_figures or {})
+    guard_notes: tuple[str, ...] = ()
+    if policy is not None:
+        tags[TAG_POLICY] = (f"{policy.metric} must beat the champion; {policy.other} within "
+                            f"{policy.other_tolerance:.0%}, cold_{policy.metric} within {policy.cold_tolerance:.0%}")
+        tags.update({TAG_CANDIDATE_FIGURE + _tag_key(k): repr(float(v)) for k, v in figures.items()})
+        tags.update({TAG_CHAMPION_FIGURE + _tag_key(k): repr(float(v)) for k, v in champion_figures.items()})
+        if champion_figures:
+            guard_notes = tuple(guard_violations(figures, champion_figures, policy)[1])
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
     if promoted and previous is not None:
@@ -346,8 +390,46 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
         "",
         f"Time: {when}. Run: {run_id or 'n/a'}. Comparisons: {attempt}.",
     ])
+    if policy is not None:
+        markdown += "\n\n" + _figures_markdown(policy, figures, champion_figures, previous, guard_notes)
+    markdown += "\n\n" + alias_move_markdown(model_name, [(CHAMPION_ALIAS if promoted else CHALLENGER_ALIAS,
+                                                            version, previous if promoted else None)]
+                                              if previous != version else [], when, reason)
     return PromotionDecision(promoted, reason, previous, champion_after, version, metric_name, candidate,
-                             champion_value, markdown, recorded, source, baseline_value, attempt, when, run_id)
+                             champion_value, markdown, recorded, source, baseline_value, attempt, when, run_id,
+                             figures if policy is not None else None,
+                             champion_figures if policy is not None else None, policy, guard_notes)
+
+
+def _figures_markdown(policy: GatePolicy, candidate: Mapping[str, float], champion: Mapping[str, float],
+                      previous: str | None, notes: Sequence[str]) -> str:
+    """The gate's figures of both models, with the rule each one is held to."""
+    lines = [f"#### Gate `{policy.metric}` with guard rails (both models on this run's validation split)", "",
+             f"| figure | candidate | champion {previous or 'none'} | rule |", "|---|---|---|---|"]
+    tolerances = dict(policy.guards())
+    for key in policy.figure_keys():
+        direction = "higher is better" if metric_higher_is_better(key) else "lower is better"
+        if key == policy.metric:
+            rule = f"must beat the champion ({direction})"
+        elif key in tolerances:
+            rule = f"may not regress more than {tolerances[key]:.0%} ({direction})"
+        else:
+            rule = f"reported ({direction})"
+        lines.append(f"| {key} | {_fmt(candidate.get(key))} | {_fmt(champion.get(key))} | {rule} |")
+    if notes:
+        lines += ["", "Not checked: " + "; ".join(notes) + "."]
+    return "\n".join(lines)
+
+
+def alias_move_markdown(model_name: str, moves: Sequence[tuple[str, str, str | None]], when: str,
+                        reason: str) -> str:
+    """A markdown record of alias moves: each ``(alias, to_version, from_version)``; no move is said as such."""
+    lines = [f"#### Alias moves of `{model_name}`", ""]
+    if not moves:
+        return "\n".join(lines + [f"None ({when}): {reason}."])
+    lines += ["| alias | from version | to version | time | why |", "|---|---|---|---|---|"]
+    lines += [f"| {alias} | {source or '-'} | {target} | {when} | {reason} |" for alias, target, source in moves]
+    return "\n".join(lines)
 
 
 def rollback_champion(model_name: str) -> str:
