@@ -111,24 +111,35 @@ def start_server(model_uri: str, tracking_uri: str, log_path: Path, *, port: int
     raise RuntimeError(f"mlflow models serve did not answer /ping within {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the processes of group ``pgid`` that are still running (zombies, already dead, are not counted)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            alive.append(int(stat.parent.name))
+    return alive
+
+
 def stop_server(server: Server, timeout_s: float = 20.0) -> None:
-    """SIGTERM to the server's process group, then SIGKILL after ``timeout_s``; returns when it has exited."""
-    if server.process.poll() is not None:
-        return
+    """SIGTERM to the server's process group, SIGKILL after ``timeout_s``; returns when no process of the group runs.
+
+    The uvicorn worker is a child of the ``mlflow`` process in the same group, so the whole group is signalled."""
+    pgid = server.process.pid
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(server.process.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
-            return
-        try:
-            server.process.wait(timeout=timeout_s)
             break
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # uvicorn workers of the same group that outlived their parent
-        os.killpg(server.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None and not live_group_members(pgid):
+                return
+            time.sleep(0.1)
+    server.process.wait()
 
 
 def request(port: int, method: str, path: str, body: bytes | None, *, content_type: str = JSON,

@@ -8,8 +8,9 @@ Request shapes accepted by :class:`ConvMFPyfunc` (a pandas DataFrame, or the ser
 ``dataframe_split`` or ``dataframe_records``). Columns: ``user_id``, ``item_id``, ``rating``, ``n``,
 ``description``; a row with a ``description`` *describes an item*, every other row is a *user row*.
 
-* **top-N**: user rows with ``user_id`` and optionally ``n`` (default 10, 1..1000) -> one row per recommendation,
-  columns ``user_id, rank, item_id, score`` (rank 1 = best). A user listed twice gets one list (the largest n).
+* **top-N**: user rows with ``user_id`` and optionally ``n`` (1..1000) -> one row per recommendation, columns
+  ``user_id, rank, item_id, score`` (rank 1 = best). A user listed twice gets one list, of the largest ``n`` given
+  on the user's rows (10 when no row gives one).
 * **rating prediction**: user rows with ``user_id`` and ``item_id`` -> the request rows plus ``prediction``.
 * **fold-in**: user rows with ``user_id``, ``item_id`` and ``rating`` (a user's recent ratings, several rows per
   user, optionally ``n``) -> each such user's top-N, as for top-N. The user's factors are solved by eq. 7 against
@@ -191,15 +192,21 @@ class _Scorer:
 
     def indices(self, values: pd.Series, column: str, unknown_ids: str) -> np.ndarray:
         """Dense indices of the request's ``user_id`` or ``item_id`` values; unknown ids get the "average" row."""
+        return self.resolve(values, column, unknown_ids)[0]
+
+    def resolve(self, values: pd.Series, column: str, unknown_ids: str) -> tuple[np.ndarray, pd.Series]:
+        """(:meth:`indices`, the canonical raw ids): the map's own values for known ids, the request's converted
+        to the map's type for unknown ones (so ``"42"`` and ``42`` are the same new user)."""
         id_map, kind = (self.user_map, self.user_kind) if column == "user_id" else (self.item_map, self.item_kind)
-        idx = id_map.to_index(_coerce_ids(values, kind, column), unknown="minus_one")
+        ids = _coerce_ids(values, kind, column)
+        idx = id_map.to_index(ids, unknown="minus_one")
         missing = idx < 0
         if missing.any():
             if unknown_ids == "error":
                 examples = values[missing].head(5).tolist()
                 raise _bad_input(f"{int(missing.sum())} unknown {column}(s), e.g. {examples}")
             idx[missing] = len(id_map)
-        return idx
+        return idx, _raw(id_map, idx, pd.Series(ids, index=values.index, dtype=object))
 
     def item_indices(self, values: pd.Series, new: _NewCatalogue) -> np.ndarray:
         """Indices of ``item_id`` values among the model's items (0..M-1) then the request's new items (M..);
@@ -341,7 +348,7 @@ class ConvMFPyfunc(mlflow.pyfunc.PythonModel):
 
     def _predict_ratings(self, frame: pd.DataFrame, new: _NewCatalogue, unknown_ids: str) -> pd.DataFrame:
         s = self._scorer
-        users = s.indices(frame["user_id"], "user_id", unknown_ids)
+        users, raw_users = s.resolve(frame["user_id"], "user_id", unknown_ids)
         idx = s.item_indices(frame["item_id"], new)  # model items 0..M-1, the request's new items M..
         unknown = idx < 0
         if unknown.any() and unknown_ids == "error":
@@ -351,18 +358,18 @@ class ConvMFPyfunc(mlflow.pyfunc.PythonModel):
         raw_items[~unknown] = np.asarray(s.item_raw(new), dtype=object)[idx[~unknown]]
         # rate() puts the average item at M (an unknown id's row) and the new items after it.
         rate_idx = np.where(unknown, s.n_items, np.where(idx >= s.n_items, idx + 1, idx))
-        return pd.DataFrame({"user_id": _raw(s.user_map, users, frame["user_id"]),
+        return pd.DataFrame({"user_id": raw_users,
                              "item_id": pd.Series(raw_items, index=frame.index, dtype=object).infer_objects(),
                              "prediction": s.rate(users, rate_idx, new)}, index=frame.index)
 
     def _recommend(self, frame: pd.DataFrame, new: _NewCatalogue, unknown_ids: str) -> pd.DataFrame:
         s = self._scorer
         n = _request_n(frame)
-        users = s.indices(frame["user_id"], "user_id", unknown_ids)
-        raw_users = _raw(s.user_map, users, frame["user_id"])
+        users, raw_users = s.resolve(frame["user_id"], "user_id", unknown_ids)
         # One list per distinct request id (the largest n asked for it), in order of first appearance.
         order = pd.DataFrame({"key": raw_users.to_numpy(dtype=object), "idx": users, "n": n})
         per_user = order.groupby("key", sort=False).agg(idx=("idx", "first"), n=("n", "max"))
+        per_user["n"] = per_user["n"].fillna(DEFAULT_N).astype(np.int64)
         if per_user.empty:
             return _empty_top_n()
         # np.array copies: pandas' copy-on-write hands out read-only arrays, which torch warns about.
@@ -384,8 +391,7 @@ class ConvMFPyfunc(mlflow.pyfunc.PythonModel):
                                  f"{column} is missing on some")
         values = _request_ratings(frame["rating"], s.rating_range)
         n = _request_n(frame)
-        user_idx = s.indices(frame["user_id"], "user_id", "fallback")  # new users are welcome here
-        raw_users = _raw(s.user_map, user_idx, frame["user_id"])
+        user_idx, raw_users = s.resolve(frame["user_id"], "user_id", "fallback")  # new users are welcome here
         items = s.item_indices(frame["item_id"], new)
         if (items < 0).any() and unknown_ids == "error":
             examples = frame["item_id"][items < 0].head(5).tolist()
@@ -393,7 +399,7 @@ class ConvMFPyfunc(mlflow.pyfunc.PythonModel):
                              f"e.g. {examples}")
         keys = pd.Series(raw_users.to_numpy(dtype=object))
         codes, uniques = pd.factorize(keys, sort=False)
-        per_user_n = pd.Series(n).groupby(codes).max().to_numpy()
+        per_user_n = pd.Series(n).groupby(codes).max().fillna(DEFAULT_N).to_numpy(dtype=np.int64)
         known = np.full(len(uniques), -1, dtype=np.int64)
         first = pd.Series(np.arange(len(codes))).groupby(codes).first().to_numpy()
         known_idx = user_idx[first]
@@ -462,16 +468,17 @@ def _numbers(values: pd.Series, what: str) -> np.ndarray:
 
 
 def _request_n(frame: pd.DataFrame) -> np.ndarray:
+    """Each row's ``n`` as float64, NaN where the row gives none (a user's list takes the largest ``n`` given on
+    their rows, :data:`DEFAULT_N` when none is)."""
     if "n" not in frame.columns:
-        return np.full(len(frame), DEFAULT_N, dtype=np.int64)
+        return np.full(len(frame), np.nan)
     missing = pd.isna(frame["n"]).to_numpy()
     n = _numbers(frame["n"], "n")
     bad = np.isnan(n) & ~missing  # present but not a number
-    n = np.where(missing, DEFAULT_N, n)
-    bad |= (n != np.round(n)) | (n < 1) | (n > MAX_N)
+    bad |= ~missing & ((n != np.round(n)) | (n < 1) | (n > MAX_N))
     if bad.any():
         raise _bad_input(f"n must be an integer in 1..{MAX_N}, got e.g. {frame['n'][bad].head(3).tolist()}")
-    return n.astype(np.int64)
+    return n
 
 
 def _request_ratings(values: pd.Series, rating_range: tuple[float, float] | None) -> np.ndarray:
@@ -490,11 +497,12 @@ def model_signature() -> ModelSignature:
     param ``unknown_ids``.
 
     Ids are ``AnyType`` so that MLflow passes ints and strings through unchanged and the model converts them to its
-    id maps' type. ``n`` is ``AnyType`` too: MLflow would truncate ``n=2.5`` to 2 and refuse a request in which
-    some rows (item descriptions, or users happy with the default) leave ``n`` empty; the model checks it instead.
+    id maps' type. ``n`` and ``rating`` are ``AnyType`` too, checked by the model: MLflow would truncate ``n=2.5``
+    to 2, refuse a request in which some rows (item descriptions, or users happy with the default) leave ``n``
+    empty, and refuse integer ratings (``4``) in a DataFrame for a double column.
     """
     inputs = Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id", required=False),
-                     ColSpec(DataType.double, "rating", required=False), ColSpec(AnyType(), "n", required=False),
+                     ColSpec(AnyType(), "rating", required=False), ColSpec(AnyType(), "n", required=False),
                      ColSpec(AnyType(), "description", required=False)])
     outputs = Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id"),
                       ColSpec(DataType.long, "rank", required=False), ColSpec(DataType.float, "score", required=False),
