@@ -10,29 +10,53 @@ starts, so that ``down`` can stop whatever ``up`` left, even after a failed star
 process group, a wait, a second SIGTERM (a process worker ignores the first one while it winds down), a wait, then
 SIGKILL. It returns once no process of any group is left.
 
+Both servers bind 127.0.0.1 unless told otherwise. Binding any other interface requires authentication on both
+(``up`` refuses to start without credentials), and ``auth=True`` turns it on for loopback too:
+
+* Prefect: ``PREFECT_SERVER_API_AUTH_STRING`` (``user:password``) on the server; ``PREFECT_API_AUTH_STRING`` for the
+  CLI calls of ``up`` and for the workers, whose flow runs inherit it.
+* MLflow: ``mlflow server --app-name basic-auth`` with an auth config (``MLFLOW_AUTH_CONFIG_PATH``: default
+  permission, its own user database ``<home>/stack/mlflow-auth.db``, the admin's name); the admin's password goes
+  to the server only through ``MLFLOW_AUTH_ADMIN_PASSWORD`` in its environment, so it is written to no file of the
+  stack. Clients use ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
+* Credentials come from ``$CONVMF_STACK_USERNAME`` / ``$CONVMF_STACK_PASSWORD`` or from a file (``--credentials-file``,
+  one line ``user:password``) that only its owner can read (mode 0600) and that is not inside the project checkout.
+  Workers get them through their process environment, never through deployment parameters or job variables
+  (which the Prefect server stores). The state file records that auth is on and the user, not the password.
+
+The ``gpu`` pool gets a concurrency limit of 1 (:data:`POOL_CONCURRENCY`): ``retrain`` and ``nightly-retrain`` both
+run there, so a run of one waits (state Scheduled, shown as Late) while a run of the other is Pending or Running.
+
 Everything is configurable through :class:`StackConfig` (``convmf stack up --help`` lists the flags, and
 :meth:`StackConfig.from_env` the environment variables). Linux/macOS only (process groups and signals).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import ipaddress
 import json
 import os
+import secrets
 import signal
+import stat
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POOLS = ("gpu", "cpu")
 DEPLOYMENTS = ("convmf-nightly/nightly-retrain", "convmf-training/retrain", "convmf-scoring/score")
+# Work-pool concurrency limits: one flow run at a time on the gpu pool, whichever deployment it comes from
+# (retrain and nightly-retrain); further runs wait in the pool's queue, oldest first (Prefect's ENQUEUE behaviour).
+POOL_CONCURRENCY = {"gpu": 1}
 STATE_FILE = "state.json"
 TEARDOWN_FILE = "last-teardown.json"
 # Offline machines: Prefect's telemetry otherwise logs tracebacks (and can lock its SQLite database). MLflow's job
@@ -54,7 +78,15 @@ ENV_VARS = {
     "gpu_devices": "CONVMF_GPU_DEVICES",
     "startup_timeout_s": "CONVMF_STACK_STARTUP_TIMEOUT",
     "stop_timeout_s": "CONVMF_STACK_STOP_TIMEOUT",
+    "auth": "CONVMF_STACK_AUTH",
+    "credentials_file": "CONVMF_STACK_CREDENTIALS_FILE",
 }
+# Credentials from the environment (a credentials file, when given, wins). Never passed on to the stack's processes.
+USERNAME_ENV = "CONVMF_STACK_USERNAME"
+PASSWORD_ENV = "CONVMF_STACK_PASSWORD"
+MIN_PASSWORD_LENGTH = 12  # MLflow's basic-auth password policy
+MLFLOW_AUTH_DB = "mlflow-auth.db"
+MLFLOW_AUTH_INI = "mlflow-auth.ini"
 
 
 class StackError(RuntimeError):
@@ -82,6 +114,8 @@ class StackConfig:
     project_root: Path = PROJECT_ROOT
     startup_timeout_s: float = 240.0
     stop_timeout_s: float = 10.0
+    auth: bool = False  # authentication on loopback too (always on for any other interface)
+    credentials_file: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "StackConfig":
@@ -94,7 +128,8 @@ class StackConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         values.setdefault("home", Path.cwd() / "convmf-data")
         kinds = {"prefect_port": int, "mlflow_port": int, "startup_timeout_s": float, "stop_timeout_s": float,
-                 "home": Path, "prefect_home": Path, "log_dir": Path, "project_root": Path}
+                 "home": Path, "prefect_home": Path, "log_dir": Path, "project_root": Path,
+                 "credentials_file": Path, "auth": _flag}
         for name, kind in kinds.items():
             if name in values and values[name] is not None:
                 values[name] = kind(values[name])
@@ -141,6 +176,118 @@ class StackConfig:
     def mlflow_url(self) -> str:
         """The MLflow tracking server (UI and ``MLFLOW_TRACKING_URI``)."""
         return f"http://{_url_host(self.host)}:{self.mlflow_port}"
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether both servers require credentials: asked for with ``auth``, or bound beyond loopback."""
+        return self.auth or not is_loopback(self.host)
+
+    def mlflow_auth_paths(self) -> tuple[Path, Path]:
+        """The MLflow auth app's config file and user database (under ``<home>/stack``)."""
+        return self.stack_dir / MLFLOW_AUTH_INI, self.stack_dir / MLFLOW_AUTH_DB
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise StackError(f"${ENV_VARS['auth']} must be true or false, not {value!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (only this machine can connect)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: may resolve to any interface
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Credentials
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One user and password for both servers (never printed: the password is left out of ``repr``)."""
+
+    username: str
+    password: str = field(repr=False)
+    source: str = ""
+
+    @property
+    def auth_string(self) -> str:
+        """Prefect's ``user:password`` auth string."""
+        return f"{self.username}:{self.password}"
+
+    def headers(self) -> dict[str, str]:
+        """The HTTP basic-auth header both servers accept."""
+        token = base64.b64encode(self.auth_string.encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+
+def _check_credentials(username: str, password: str, source: str) -> Credentials:
+    if not username or ":" in username or any(c.isspace() for c in username):
+        raise StackError(f"{source}: the user name must be non-empty, without ':' or spaces")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise StackError(f"{source}: the password must have at least {MIN_PASSWORD_LENGTH} characters "
+                         "(MLflow's basic-auth policy)")
+    return Credentials(username, password, source)
+
+
+def read_credentials_file(path: Path, project_root: Path = PROJECT_ROOT) -> Credentials:
+    """``user:password`` from the first non-empty, non-comment line of ``path``.
+
+    Refused: a file others can read or write (mode must be 0600 or stricter), a file that is not a regular file,
+    and a file inside the project checkout (credentials never live in the repository).
+    """
+    path = Path(path).expanduser()
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        raise StackError(f"credentials file {path} does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StackError(f"credentials file {path} is not a regular file (a symbolic link or a directory)")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise StackError(f"credentials file {path} is readable or writable by group or others (mode {mode:04o}): "
+                         f"run `chmod 600 {path}`")
+    resolved, root = path.resolve(), Path(project_root).resolve()
+    if resolved == root or root in resolved.parents:
+        raise StackError(f"credentials file {path} is inside the project checkout {root}: keep credentials out of "
+                         "the repository (e.g. ~/.config/convmf/stack-credentials, mode 0600)")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        username, sep, password = line.partition(":")
+        if not sep:
+            raise StackError(f"{path}, line {number}: expected user:password")
+        return _check_credentials(username.strip(), password, f"{path}, line {number}")
+    raise StackError(f"credentials file {path} holds no user:password line")
+
+
+def load_credentials(config: StackConfig, env: Mapping[str, str] | None = None) -> Credentials | None:
+    """The stack's credentials when auth is required (``None`` otherwise): the config's credentials file, else
+    ``$CONVMF_STACK_USERNAME`` / ``$CONVMF_STACK_PASSWORD``; a clear error when neither is there."""
+    env = os.environ if env is None else env
+    if not config.auth_required:
+        return None
+    if config.credentials_file is not None:
+        return read_credentials_file(config.credentials_file, config.project_root)
+    if env.get(USERNAME_ENV) and env.get(PASSWORD_ENV):
+        return _check_credentials(env[USERNAME_ENV], env[PASSWORD_ENV], f"${USERNAME_ENV}/${PASSWORD_ENV}")
+    why = (f"binding to {config.host} (not loopback)" if not is_loopback(config.host)
+           else "authentication was asked for (--auth)")
+    raise StackError(f"{why} requires authentication on both servers, but no credentials were given: set "
+                     f"${USERNAME_ENV} and ${PASSWORD_ENV}, or pass --credentials-file FILE "
+                     f"(${ENV_VARS['credentials_file']}; one line user:password, mode 0600, outside the project)")
 
 
 @dataclass(frozen=True)
@@ -266,9 +413,50 @@ def stop_in_order(records: Iterable[ProcessRecord], timeout_s: float = 10.0) -> 
     return stopped
 
 
+# Variables that carry credentials: dropped from the inherited environment, then set only where needed.
+_SECRET_VARS = (USERNAME_ENV, PASSWORD_ENV, "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
+                "PREFECT_API_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                "MLFLOW_AUTH_CONFIG_PATH")
+
+
+def client_environment(credentials: Credentials | None) -> dict[str, str]:
+    """What a client of an authenticated stack needs (Prefect CLI, workers and their flow runs, MLflow clients)."""
+    if credentials is None:
+        return {}
+    return {"PREFECT_API_AUTH_STRING": credentials.auth_string,
+            "MLFLOW_TRACKING_USERNAME": credentials.username, "MLFLOW_TRACKING_PASSWORD": credentials.password}
+
+
+def _mlflow_server_auth(config: StackConfig, credentials: Credentials) -> dict[str, str]:
+    """Write the MLflow auth app's config (no password in it) and return the server's auth environment."""
+    ini, db = config.mlflow_auth_paths()
+    text = ("# Written by `convmf stack up` (flows/stack.py). The admin password is not stored here: the server\n"
+            "# gets it through MLFLOW_AUTH_ADMIN_PASSWORD, and keeps only its hash in the database below.\n"
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{db}\n"
+            f"admin_username = {credentials.username}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "# One server process: a cached credential check is never stale (a password change through the API\n"
+            "# clears it), and it saves a PBKDF2 hash per request.\n"
+            "auth_cache_ttl_seconds = 300\n")
+    ini.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ini.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o600)
+    os.replace(tmp, ini)
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": credentials.username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": credentials.password,
+            # CSRF key of the auth app's sign-up form: one server process, so a fresh key per start is enough.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+
+
 def _environment(config: StackConfig) -> dict[str, str]:
-    """The environment of every stack process: ours, quiet, pointed at this stack's servers and stores."""
-    env = {**DEFAULT_ENV, **os.environ, **QUIET_ENV}
+    """The environment of every stack process: ours (without credentials), quiet, pointed at this stack's servers
+    and stores. Credentials are added per process (:func:`client_environment`, the servers' own variables)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in _SECRET_VARS}
+    env = {**DEFAULT_ENV, **inherited, **QUIET_ENV}
     env.update({
         "PREFECT_HOME": str(config.resolved_prefect_home()),
         "PREFECT_API_URL": config.prefect_api_url,
@@ -317,11 +505,13 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _http(url: str, body: Any = None, timeout_s: float = 5.0) -> tuple[int, Any]:
-    """GET (or POST ``body`` as JSON) ``url``; returns the status and the decoded JSON or text body."""
+def _http(url: str, body: Any = None, timeout_s: float = 5.0,
+          credentials: Credentials | None = None) -> tuple[int, Any]:
+    """GET (or POST ``body`` as JSON) ``url``, with basic auth when ``credentials`` are given; returns the status
+    and the decoded JSON or text body."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(credentials.headers() if credentials else {})}
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             raw = response.read().decode(errors="replace")
@@ -351,15 +541,39 @@ def mlflow_healthy(config: StackConfig) -> bool:
     return _healthy(f"{config.mlflow_url}/health")
 
 
-def online_workers(config: StackConfig, pool: str) -> list[str]:
+def online_workers(config: StackConfig, pool: str, credentials: Credentials | None = None) -> list[str]:
     """Names of the workers the Prefect server sees ONLINE on ``pool``."""
     try:
-        status, workers = _http(f"{config.prefect_api_url}/work_pools/{pool}/workers/filter", body={})
+        status, workers = _http(f"{config.prefect_api_url}/work_pools/{pool}/workers/filter", body={},
+                                credentials=credentials)
     except (OSError, urllib.error.URLError):
         return []
     if status != 200 or not isinstance(workers, list):
         return []
     return [w["name"] for w in workers if w.get("status") == "ONLINE"]
+
+
+def check_auth(config: StackConfig, credentials: Credentials) -> None:
+    """Both servers refuse a request without credentials (401) and accept one with them; else :class:`StackError`.
+
+    An MLflow auth database created earlier keeps the admin password it was created with (MLflow reads the
+    configured one only to create the admin): a different password then gets 401, and the error says so.
+    """
+    probes = (("Prefect", f"{config.prefect_api_url}/work_pools/filter", {}),
+              ("MLflow", f"{config.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1", None))
+    for what, url, body in probes:
+        anonymous = _http(url, body=body)[0]
+        if anonymous != 401:
+            raise StackError(f"the {what} server answered {anonymous} to a request without credentials "
+                             f"({url}): authentication is not on")
+        status, answer = _http(url, body=body, credentials=credentials)
+        if status != 200:
+            hint = ""
+            if what == "MLflow" and status == 401:
+                hint = (f": its user database {config.mlflow_auth_paths()[1]} holds user {credentials.username!r} "
+                        "with another password (MLflow sets the admin password only when it creates the user); "
+                        "use that password, or remove the database to create the user again")
+            raise StackError(f"the {what} server refused the stack's credentials ({status}){hint}")
 
 
 def _wait(what: str, ready: Callable[[], bool], watched: list[tuple[subprocess.Popen, ProcessRecord]],
@@ -419,9 +633,14 @@ def records_of(state: Mapping[str, Any]) -> list[ProcessRecord]:
     return [ProcessRecord(**p) for p in state.get("processes", [])]
 
 
+def pool_concurrency_command(pool: str, limit: int, python: str = sys.executable) -> list[str]:
+    """The Prefect CLI call that limits work pool ``pool`` to ``limit`` concurrent flow runs."""
+    return [python, "-m", "prefect", "work-pool", "set-concurrency-limit", pool, str(limit)]
+
+
 def _config_of(state: Mapping[str, Any]) -> StackConfig:
     c = dict(state["config"])
-    for key in ("home", "prefect_home", "log_dir", "project_root"):
+    for key in ("home", "prefect_home", "log_dir", "project_root", "credentials_file"):
         if c.get(key) is not None:
             c[key] = Path(c[key])
     return StackConfig(**c)
@@ -436,9 +655,11 @@ def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[s
     """Start the stack (servers, pools, deployments, workers) and return its state (also in ``state.json``).
 
     Fails with :class:`StackError` if a stack is already running under the same home, a port is taken, the
-    project's ``prefect.yaml`` is missing, or a step fails or times out; whatever was started is stopped then.
+    project's ``prefect.yaml`` is missing, authentication is required but no usable credentials are given
+    (:func:`load_credentials`), or a step fails or times out; whatever was started is stopped then.
     """
     say = echo or (lambda message: None)
+    credentials = load_credentials(config)  # before anything starts: no credentials, no stack
     existing = read_state(config.home)
     if existing and any(is_running(r) for r in records_of(existing)):
         raise StackError(f"a stack is already running from {config.state_path}: run `convmf stack down` first")
@@ -455,6 +676,22 @@ def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[s
     if "://" not in artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
     env = _environment(config)
+    clients = {**env, **client_environment(credentials)}  # CLI calls and workers (flow runs inherit it)
+    prefect_env = dict(env)
+    mlflow_env = dict(env)
+    mlflow_auth: list[str] = []
+    if credentials is not None:
+        prefect_env.update({"PREFECT_SERVER_API_AUTH_STRING": credentials.auth_string,
+                            "PREFECT_API_AUTH_STRING": credentials.auth_string})
+        mlflow_env.update(_mlflow_server_auth(config, credentials))
+        mlflow_auth = ["--app-name", "basic-auth"]
+    if not is_loopback(config.host) and config.host not in ("0.0.0.0", "::", "") \
+            and "MLFLOW_SERVER_ALLOWED_HOSTS" not in mlflow_env:
+        # MLflow answers only requests whose Host header it knows (DNS-rebinding protection): add this address.
+        # For 0.0.0.0 / :: set MLFLOW_SERVER_ALLOWED_HOSTS yourself (the names clients will use).
+        host, port = _url_host(config.host), config.mlflow_port
+        mlflow_env["MLFLOW_SERVER_ALLOWED_HOSTS"] = ",".join(
+            [host, f"{host}:{port}", "localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}"])
     python = sys.executable
     timings: dict[str, float] = {}
     state: dict[str, Any] = {
@@ -465,7 +702,10 @@ def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[s
         "mlflow": {"url": config.mlflow_url, "port": config.mlflow_port,
                    "backend_store_uri": config.resolved_backend_store_uri(), "artifacts_destination": artifacts},
         "log_dir": str(logs),
+        "auth": {"enabled": credentials is not None, "username": credentials.username if credentials else None,
+                 "credentials_from": credentials.source if credentials else None},
         "pools": list(POOLS),
+        "pool_concurrency": dict(POOL_CONCURRENCY),
         "deployments": list(DEPLOYMENTS),
         "processes": [],
         "timings_s": timings,
@@ -473,8 +713,9 @@ def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[s
     started: list[tuple[subprocess.Popen, ProcessRecord]] = []
     helpers: list[subprocess.Popen] = []  # short-lived commands (work-pool create), killed if `up` is interrupted
 
-    def start(name: str, role: str, command: list[str]) -> tuple[subprocess.Popen, ProcessRecord]:
-        proc, record = _spawn(name, role, command, env, logs / f"{name}.log", config.project_root)
+    def start(name: str, role: str, command: list[str],
+              environment: Mapping[str, str]) -> tuple[subprocess.Popen, ProcessRecord]:
+        proc, record = _spawn(name, role, command, environment, logs / f"{name}.log", config.project_root)
         started.append((proc, record))
         state["processes"].append(asdict(record))
         _write_state(config, state)  # at once: a failed or interrupted start can still be torn down
@@ -484,20 +725,23 @@ def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[s
     try:
         say(f"starting Prefect server on {config.prefect_url} and MLflow server on {config.mlflow_url}")
         prefect = start("prefect-server", "server", [python, "-m", "prefect", "server", "start", "--host", config.host,
-                                                     "--port", str(config.prefect_port)])
+                                                     "--port", str(config.prefect_port)], prefect_env)
         mlflow = start("mlflow-server", "server", [
             python, "-m", "mlflow", "server", "--host", config.host, "--port", str(config.mlflow_port),
             "--workers", "1", "--backend-store-uri", config.resolved_backend_store_uri(),
-            "--artifacts-destination", artifacts])
+            "--artifacts-destination", artifacts, *mlflow_auth], mlflow_env)
         timings["prefect_server"] = _wait("the Prefect server's health check", lambda: prefect_healthy(config),
                                           [prefect], config.startup_timeout_s)
         timings["mlflow_server"] = _wait("the MLflow server's health check", lambda: mlflow_healthy(config),
                                          [mlflow], config.startup_timeout_s)
+        if credentials is not None:
+            check_auth(config, credentials)
+            say(f"both servers require authentication (user {credentials.username}, from {credentials.source})")
         say(f"servers healthy after {time.monotonic() - t_start:.0f} s; creating work pools {', '.join(POOLS)}")
         t0 = time.monotonic()
         pools = [subprocess.Popen([python, "-m", "prefect", "work-pool", "create", pool, "--type", "process",
                                    "--overwrite"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, env=env, cwd=str(config.project_root))
+                                  stderr=subprocess.STDOUT, env=clients, cwd=str(config.project_root))
                  for pool in POOLS]
         helpers.extend(pools)
         for pool, proc in zip(POOLS, pools):
@@ -510,23 +754,27 @@ def up(config: StackConfig, echo: Callable[[str], None] | None = None) -> dict[s
             (logs / f"pool-{pool}.log").write_bytes(out or b"")
             if proc.returncode != 0:
                 raise StackError(f"creating work pool {pool} failed:\n{(out or b'').decode(errors='replace')[-2000:]}")
+        for pool, limit in POOL_CONCURRENCY.items():
+            _run(pool_concurrency_command(pool, limit, python), clients, config.project_root,
+                 logs / f"pool-{pool}.log", config.startup_timeout_s)
         timings["pools"] = time.monotonic() - t0
         say("deploying prefect.yaml (prefect --no-prompt deploy --all)")
         t0 = time.monotonic()
-        _run([python, "-m", "prefect", "--no-prompt", "deploy", "--all"], env, config.project_root,
+        _run([python, "-m", "prefect", "--no-prompt", "deploy", "--all"], clients, config.project_root,
              logs / "deploy.log", config.startup_timeout_s)
         missing = [name for name in DEPLOYMENTS
-                   if _http(f"{config.prefect_api_url}/deployments/name/{name}")[0] != 200]
+                   if _http(f"{config.prefect_api_url}/deployments/name/{name}", credentials=credentials)[0] != 200]
         if missing:
             raise StackError(f"prefect deploy did not create {missing}; see {logs / 'deploy.log'}")
         timings["deploy"] = time.monotonic() - t0
         say("starting one process worker per pool")
         t0 = time.monotonic()
         workers = [start(f"worker-{pool}", "worker", [python, "-m", "prefect", "worker", "start", "--pool", pool,
-                                                      "--type", "process", "--name", f"convmf-{pool}"])
+                                                      "--type", "process", "--name", f"convmf-{pool}"], clients)
                    for pool in POOLS]
         for pool, worker in zip(POOLS, workers):
-            _wait(f"worker convmf-{pool} to come online", lambda p=pool: f"convmf-{p}" in online_workers(config, p),
+            _wait(f"worker convmf-{pool} to come online",
+                  lambda p=pool: f"convmf-{p}" in online_workers(config, p, credentials),
                   [worker], config.startup_timeout_s)
         timings["workers"] = time.monotonic() - t0
         timings["total"] = time.monotonic() - t_start
@@ -571,13 +819,23 @@ def status(home: Path | str) -> dict[str, Any]:
         return {"running": False, "note": f"no stack state under {Path(home).expanduser().resolve() / 'stack'}"}
     config = _config_of(state)
     processes = {r.name: {"pid": r.pid, "running": is_running(r), "log": r.log} for r in records_of(state)}
-    workers = {pool: online_workers(config, pool) for pool in state.get("pools", POOLS)}
-    return {
+    credentials, note = None, None
+    if state.get("auth", {}).get("enabled"):
+        try:
+            credentials = load_credentials(replace(config, auth=True))
+        except StackError as exc:
+            note = f"workers unknown: {exc}"
+    workers = {pool: online_workers(config, pool, credentials) for pool in state.get("pools", POOLS)}
+    report: dict[str, Any] = {
         "running": all(p["running"] for p in processes.values()) and bool(processes),
         "prefect": {"url": config.prefect_url, "healthy": prefect_healthy(config)},
         "mlflow": {"url": config.mlflow_url, "healthy": mlflow_healthy(config)},
         "workers_online": workers,
+        "auth": state.get("auth", {"enabled": False}),
         "processes": processes,
         "state_file": str(config.state_path),
     }
+    if note:
+        report["note"] = note
+    return report
 
