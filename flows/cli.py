@@ -153,6 +153,9 @@ def _run_stack(args: argparse.Namespace) -> int:
     else:
         print(f"Prefect {report['prefect']['url']}: {'healthy' if report['prefect']['healthy'] else 'DOWN'}")
         print(f"MLflow  {report['mlflow']['url']}: {'healthy' if report['mlflow']['healthy'] else 'DOWN'}")
+        auth = report.get("auth", {})
+        print(f"auth: {'on, user ' + repr(auth.get('username')) if auth.get('enabled') else 'off (loopback only)'}"
+              + (f"  ({report['note']})" if report.get("note") else ""))
         for pool, names in report["workers_online"].items():
             print(f"pool {pool}: {', '.join(names) or 'no worker online'}")
         for name, p in report["processes"].items():
