@@ -117,8 +117,11 @@ class RefitPolicy:
     ``max_oov_share``, or when the share of new items among all items is above ``max_new_item_share``.
     """
 
-    max_oov_share: float = 0.5  # ML-100K: 26-50% of a new description's words are outside an 8,000-word vocabulary
-    max_new_item_share: float = 0.2
+    # Measured on ML-100K (vocabulary of 8,000 words from the items rated before the day): the new items'
+    # descriptions are 21-23% out of vocabulary (per item: median 18-20%, 90th percentile 33-34%), the vocabulary's
+    # own texts 8-9%, an unrelated domain's text ~75%. 0.5 lets catalogue growth warm-start and catches a new domain.
+    max_oov_share: float = 0.5
+    max_new_item_share: float = 0.2  # ML-100K adds ~0.1% new items a day; a fifth of the catalogue new = refit
 
     def __post_init__(self) -> None:
         for name in ("max_oov_share", "max_new_item_share"):
