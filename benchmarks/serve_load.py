@@ -86,7 +86,8 @@ def start_server(model_uri: str, tracking_uri: str, log_path: Path, *, port: int
     """
     port = port or free_port()
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path,
            "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env["MLFLOW_REGISTRY_URI"] = tracking_uri  # the registry that resolves models:/ URIs is the same store
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
@@ -182,8 +183,8 @@ def valid_bodies(user_ids: Sequence[Any], item_ids: Sequence[Any], new_item_id: 
         bodies.append(("rating", {"dataframe_records": [{"user_id": u[k], "item_id": i[(k + j) % len(i)]}
                                                          for j in range(5)]}))
         bodies.append(("fold-in", {"dataframe_records": [
-            {"user_id": f"new-user-{k}" if isinstance(u[k], str) else 10_000_000 + k, "item_id": i[(3 * k + j) % len(i)],
-             "rating": float(1 + (k + j) % 5), "n": 10} for j in range(3)]}))
+            {"user_id": f"new-user-{k}" if isinstance(u[k], str) else 10_000_000 + k,
+             "item_id": i[(3 * k + j) % len(i)], "rating": float(1 + (k + j) % 5), "n": 10} for j in range(3)]}))
         bodies.append(("new item", {"dataframe_records": [{"user_id": u[k], "n": 10},
                                                            {"item_id": new_item_id, "description": new_description}]}))
     return [(kind, json.dumps(body).encode()) for kind, body in bodies]
@@ -365,7 +366,7 @@ def train_and_register(workdir: Path, model_name: str = "convmf-serve-bench", n_
     mlflow.set_registry_uri(tracking_uri)
     experiment = mlflow.create_experiment("serve-load", artifact_location=(workdir / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
-        info = log_model_version(bundle, model_name=model_name, run_id=run.info.run_id, tags={})
+        info = log_model_version(bundle, model_name=model_name, run_id=run.info.run_id, tags={}, seen=seen)
     MlflowClient().set_registered_model_alias(model_name, "champion", info.version)
     return f"models:/{model_name}@champion", tracking_uri
 

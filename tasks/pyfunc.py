@@ -293,7 +293,6 @@ class _Scorer:
         if len(new):
             side = side.with_items(new.items)
         B, n_cols = len(known), side.n_items
-        k = int(side.factors.shape[1])
         rows = torch.as_tensor(np.where(known >= 0, known, 0))
         mask = torch.as_tensor(known >= 0).unsqueeze(1)
         previous = UserFactors(torch.where(mask, self.model.user_factors_[rows].float(), 0.0),
@@ -301,7 +300,6 @@ class _Scorer:
         history = _csr_rows(self.exclude, known, n_cols)
         ratings = Ratings(users, items, values, B, n_cols)
         folded = fold_in_users(side, ratings, previous=previous, history=history)
-        assert folded.factors.shape[1] == k
         exclude = Ratings(np.concatenate([users, np.repeat(np.arange(B), np.diff(history.indptr))]),
                           np.concatenate([items, history.indices]),
                           np.ones(len(users) + len(history.indices), dtype=np.float32), B, n_cols).csr()

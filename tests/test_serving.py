@@ -34,6 +34,7 @@ from convmf_core.persistence import save_model
 from convmf_core.synthetic import SyntheticConfig, generate_catalogue
 from convmf_core.text import Vocabulary, build_vocabulary, encode_documents
 from convmf_core.topn import top_n
+from tasks.pyfunc import ConvMFPyfunc
 from tasks.registry import log_model_version
 
 MODEL_NAME = "convmf-serving-test"
@@ -274,7 +275,8 @@ def test_served_champion_answers_valid_requests(server: Server, champion: Champi
     assert [r["item_id"] for r in body["predictions"]] == local["item_id"].tolist()
     assert [r["rank"] for r in body["predictions"]] == [1, 2, 3]
 
-    status, body = invoke(server.port, {"dataframe_records": [{"user_id": user, "n": 2}, {"user_id": str(user), "n": 4}]})
+    twice = [{"user_id": user, "n": 2}, {"user_id": str(user), "n": 4}]
+    status, body = invoke(server.port, {"dataframe_records": twice})
     assert status == 200 and [r["rank"] for r in body["predictions"]] == [1, 2, 3, 4]  # one list, the larger n
 
     status, body = invoke(server.port, {"dataframe_records": [{"user_id": user, "item_id": item}]})
@@ -306,7 +308,50 @@ def test_served_champion_answers_valid_requests(server: Server, champion: Champi
 
 def test_served_champion_refuses_malformed_bodies_with_4xx(server: Server, champion: Champion) -> None:
     cases = malformed_bodies(champion.user_map.raw_ids[0], champion.item_map.raw_ids[0])
-    answers = {name: request(server.port, "POST", "/invocations", body, content_type=ctype) for name, body, ctype in cases}
+    answers = {name: request(server.port, "POST", "/invocations", body, content_type=ctype)
+               for name, body, ctype in cases}
     not_4xx = {name: (status, raw[:200]) for name, (status, raw) in answers.items() if not 400 <= status < 500}
     assert not not_4xx
     assert request(server.port, "GET", "/ping", None)[0] == 200  # still serving
+
+
+# --- the pyfunc on its own: other model kinds, string ids ------------------------------------------------------------
+
+
+def _pyfunc(bundle: Path, seen: Path | None = None) -> ConvMFPyfunc:
+    model = ConvMFPyfunc()
+    artifacts = {"bundle": str(bundle), **({"seen": str(seen)} if seen else {})}
+    model.load_context(mlflow.pyfunc.PythonModelContext(artifacts=artifacts, model_config={}))
+    return model
+
+
+def test_other_model_kinds_and_string_ids(fitted: dict, catalogue, tmp_path: Path) -> None:
+    user_map = IdMap(np.asarray([f"u{u}" for u in range(len(catalogue.user_map))]))
+    item_map = IdMap(np.asarray([f"item-{i}" for i in range(len(catalogue.item_map))]))
+    fold = pd.DataFrame({"user_id": ["someone-new"] * 2, "item_id": ["item-1", "item-2"], "rating": [5, 4]})
+    described = pd.DataFrame({"user_id": ["u0", None], "item_id": [None, "item-new"], "description": [None, "words"]})
+    # PMF: fold-in works (eq. 7 against its V), but it has no CNN to read descriptions.
+    pmf = _pyfunc(save_model(fitted["pmf"].model, tmp_path / "pmf", user_map=user_map, item_map=item_map))
+    top = pmf.predict(None, fold)
+    folded = fold_in_users(ItemSide.of(fitted["pmf"].model),
+                           Ratings(np.zeros(2), np.array([1, 2]), np.array([5.0, 4.0]), 1, len(item_map)))
+    sf = fitted["pmf"].model.scoring_factors()
+    want = top_n(folded.scoring_rows(), sf.item, np.array([0]), 10, offset=sf.offset,
+                 exclude=Ratings(np.zeros(2), np.array([1, 2]), np.ones(2), 1, len(item_map)).csr())
+    assert top["user_id"].tolist() == ["someone-new"] * 10
+    assert top["item_id"].tolist() == item_map.to_raw(want.items[0]).tolist()
+    with pytest.raises(MlflowException, match="no text CNN"):
+        pmf.predict(None, described)
+    # SGD MF has no lambda_U: fold-in is refused with a 400, plain top-N still works.
+    sgd = _pyfunc(save_model(fitted["sgd"].model, tmp_path / "sgd", user_map=user_map, item_map=item_map))
+    with pytest.raises(MlflowException, match="cannot fold users in") as excinfo:
+        sgd.predict(None, fold)
+    assert excinfo.value.get_http_status_code() == 400
+    assert len(sgd.predict(None, pd.DataFrame({"user_id": ["u0"]}))) == 10
+    # ConvMF with string ids: a new item with a string id is scored from its text; ints convert to strings.
+    convmf = _pyfunc(save_model(fitted["convmf"].model, tmp_path / "convmf", vocabulary=catalogue.vocabulary,
+                                user_map=user_map, item_map=item_map))
+    listed = convmf.predict(None, described.assign(n=[len(item_map) + 1, None]))
+    assert "item-new" in set(listed["item_id"]) and set(listed["user_id"]) == {"u0"}
+    numeric = pd.DataFrame({"user_id": [7, 7], "item_id": ["item-1", "item-2"], "rating": [5.0, 4.0]})
+    assert set(convmf.predict(None, numeric)["user_id"]) == {"7"}
