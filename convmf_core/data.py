@@ -241,13 +241,24 @@ def cold_item_split(ratings: Ratings, cold_fraction: float = 0.2, fractions: tup
 DAY_SECONDS = 86_400
 
 
-def _check_timestamps(ratings: Ratings, timestamps: np.ndarray) -> np.ndarray:
-    """``timestamps`` as int64 seconds, one per rating; a :class:`DataError` when any is missing or not a number."""
+def _check_timestamps(ratings: Ratings, timestamps: np.ndarray | pd.Series) -> np.ndarray:
+    """``timestamps`` as int64 seconds, one per rating; a :class:`DataError` when any is missing or not a number.
+
+    Integers and numeric strings are seconds; datetimes (numpy ``datetime64`` or a pandas datetime column, with or
+    without a time zone) are converted to Unix seconds."""
+    if isinstance(timestamps, pd.Series) and isinstance(timestamps.dtype, pd.DatetimeTZDtype):
+        timestamps = timestamps.dt.tz_convert("UTC").dt.tz_localize(None)
     raw = np.asarray(timestamps)
     if raw.ndim != 1 or len(raw) != len(ratings):
         raise DataError(f"time split: {raw.size} timestamp(s) for {len(ratings)} rating(s); give one per rating")
     if raw.dtype.kind in "iu":
         return raw.astype(np.int64)
+    if raw.dtype.kind == "M":
+        bad = np.flatnonzero(np.isnat(raw))
+        if bad.size:
+            raise DataError(f"time split: {bad.size} rating(s) have a missing timestamp, e.g. at row(s) "
+                            f"{bad[:5].tolist()}; ingest quarantines such rows")
+        return raw.astype("datetime64[s]").astype(np.int64)
     numeric = pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(numeric))
     if bad.size:
@@ -259,21 +270,28 @@ def _check_timestamps(ratings: Ratings, timestamps: np.ndarray) -> np.ndarray:
 def default_time_cutoff(timestamps: np.ndarray, *, validation_seconds: int = 7 * DAY_SECONDS,
                         test_seconds: int = 7 * DAY_SECONDS) -> int:
     """The cutoff :func:`time_split` uses by default: the last ``validation_seconds + test_seconds`` of the data
-    (up to and including the newest rating) are held out, i.e. ``max(timestamp) + 1 - validation - test``."""
+    (up to and including the newest rating) are held out, i.e. ``max(timestamp) + 1 - validation - test``.
+    Missing timestamps are ignored here (:func:`time_split` refuses them)."""
     ts = np.asarray(timestamps)
     if ts.size == 0:
         raise DataError("time split: no timestamps")
+    if ts.dtype.kind == "M":
+        ts = ts[~np.isnat(ts)].astype("datetime64[s]").astype(np.int64)
+    else:
+        ts = pd.to_numeric(pd.Series(ts), errors="coerce").dropna().to_numpy()
+    if ts.size == 0:
+        raise DataError("time split: no valid timestamp")
     return int(np.max(ts)) + 1 - int(validation_seconds) - int(test_seconds)
 
 
-def time_split(ratings: Ratings, timestamps: np.ndarray, *, cutoff: int | None = None,
+def time_split(ratings: Ratings, timestamps: np.ndarray | pd.Series, *, cutoff: int | None = None,
                validation_seconds: int = 7 * DAY_SECONDS, test_seconds: int = 7 * DAY_SECONDS) -> Split:
     """Train on the past, validate and test on the windows after it (nothing from the future reaches training).
 
     train = ``timestamp < cutoff``; validation = ``cutoff <= timestamp < cutoff + validation_seconds``; test = the
     ``test_seconds`` after that. Ratings later than the test window are left out (only possible with an explicit
     ``cutoff``). ``cutoff`` defaults to :func:`default_time_cutoff` (the newest rating closes the test window).
-    ``timestamps[r]`` is rating ``r``'s time in seconds (unix time, or any integer clock).
+    ``timestamps[r]`` is rating ``r``'s time: seconds (Unix time, or any integer clock) or datetimes.
 
     Users and items first seen after the cutoff keep their index (the matrix shape is unchanged) but have no
     training rating; use ``split.train.user_counts() > 0`` / ``item_counts() > 0`` (or :func:`seen_before`) to

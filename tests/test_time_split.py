@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -73,6 +74,22 @@ def test_missing_or_non_numeric_timestamps_name_the_rows(bad) -> None:
     ts = np.array([100, bad, 300], dtype=object)
     with pytest.raises(DataError, match=r"missing or non-numeric timestamp.*row\(s\) \[1\]"):
         time_split(ratings, ts, cutoff=200, validation_seconds=50, test_seconds=50)
+
+
+def test_datetimes_are_read_as_unix_seconds() -> None:
+    ratings = Ratings(np.array([0, 1, 1]), np.array([0, 0, 1]), np.array([3.0, 4.0, 5.0]), 2, 2)
+    seconds = np.array([0, DAY_SECONDS, 2 * DAY_SECONDS])
+    expected = time_split(ratings, seconds, cutoff=DAY_SECONDS, validation_seconds=DAY_SECONDS,
+                          test_seconds=DAY_SECONDS)
+    naive = pd.Series(pd.to_datetime(seconds, unit="s"))
+    aware = naive.dt.tz_localize("UTC").dt.tz_convert("Europe/Paris")  # same instants, another zone
+    for ts in (naive.to_numpy(), naive, aware):
+        split = time_split(ratings, ts, cutoff=DAY_SECONDS, validation_seconds=DAY_SECONDS, test_seconds=DAY_SECONDS)
+        for a, b in zip((split.train, split.validation, split.test), (expected.train, expected.validation, expected.test)):
+            np.testing.assert_array_equal(a.users, b.users)
+            np.testing.assert_array_equal(a.items, b.items)
+    with pytest.raises(DataError, match=r"missing timestamp.*row\(s\) \[1\]"):
+        time_split(ratings, np.array(["1970-01-01", "NaT", "1970-01-03"], dtype="datetime64[s]"))
 
 
 def test_timestamps_must_match_the_ratings() -> None:
