@@ -622,10 +622,14 @@ def _pylist(col: pa.ChunkedArray | pa.Array) -> list[Any]:
 
 
 def _scalar_text(value: pa.Scalar) -> Any:
+    """A Python value of an Arrow scalar; Arrow's text for one Python cannot hold (a date-time out of range)."""
     try:
         return value.as_py()
     except (pa.ArrowException, ValueError, OverflowError):
-        return str(value)
+        try:
+            return pa.array([value], value.type).cast(pa.string())[0].as_py()
+        except (pa.ArrowException, ValueError, OverflowError):
+            return f"<{value.type} value>"
 
 
 def _parquet_rows(table: pa.Table, line_offset: int = 0) -> _Rows:
@@ -1222,7 +1226,7 @@ def _stream_ratings(path: Path, config: IngestConfig, acc: _RatingsAccumulator) 
         if n == 0:
             raise IngestError(f"{role} file {path}: has no data rows")
         return fmt, None, _fetch_parquet_records(path, role, config.stream_batch_rows)
-    if not head.strip():  # as _read_bytes, on the first bytes (a file of blanks has no data rows either way)
+    if len(head) < 4 * 65536 and not head.strip():  # the whole file is blank (as _read_bytes says)
         raise IngestError(f"{role} file {path}: is empty")
     codec = _stream_codec(path, role, config.encoding, head, config.stream_block_bytes)
     encoding = _public_encoding(codec)
