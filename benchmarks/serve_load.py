@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="convmf-serve-") as tmp:
         workdir = Path(tmp)
         t0 = time.perf_counter()
@@ -428,9 +429,10 @@ def main(argv: list[str] | None = None) -> None:
                     "malformed_other": [(n, s) for n, s in malformed if not 400 <= s < 500],
                     "server_startup_s": startup, "model_prepare_s": prepared, "model_uri": model_uri,
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
-                    "load_average": os.getloadavg()})
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()[0]})
     print(f"\nServing {model_uri} with `mlflow models serve --env-manager local` ({args.workers} worker) on "
-          f"{figures['machine']}; load average before/after {figures['load_average'][0]:.1f}; "
+          f"{figures['machine']}; 1-min load average {load_before:.1f} before, {figures['load_average_after']:.1f} "
+          f"after (above ~0.5 the figures are contended); "
           f"server start {startup:.1f} s\n")
     print("| requests | concurrency | errors | p50 ms | p99 ms | req/s | malformed -> 4xx | malformed -> 5xx |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
