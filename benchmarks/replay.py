@@ -166,6 +166,9 @@ def main() -> None:
           f"{len(previous_day.items)} items, vocabulary {len(vocab)}; full fit {base.seconds:.1f} s, "
           f"{base.iterations} iterations, validation RMSE {base.rmse:.4f}", file=sys.stderr, flush=True)
     previous = base.model
+    day0 = {"ratings": len(previous_day.train), "users": len(previous_day.users), "items": len(previous_day.items),
+            "vocabulary": len(vocab), "full_rmse": base.rmse, "full_test_rmse": base.test_rmse,
+            "full_seconds": base.seconds, "full_iterations": base.iterations}
     rows: list[dict[str, Any]] = []
     for d in range(1, days + 1):
         day = make_day(ratings, text_by_item, start + d * DAY_SECONDS, validation_seconds)
@@ -240,10 +243,10 @@ def main() -> None:
           f"each day, test = the {args.validation_days} days after that (known users and items only)")
     if args.json is not None:
         payload = {"args": {k: str(v) for k, v in vars(args).items()}, "config": asdict(config),
-                   "text_config": asdict(text), "day0": {"ratings": len(previous_day.train) if not rows else
-                                                         rows[0]["train_ratings"] - rows[0]["new_ratings"],
-                                                         "full_rmse": base.rmse, "full_seconds": base.seconds},
-                   "rows": rows, "summary": summary}
+                   "text_config": asdict(text), "machine": {"processor": platform.processor(),
+                                                             "torch": torch.__version__,
+                                                             "threads": torch.get_num_threads()},
+                   "day0": day0, "rows": rows, "summary": summary}
         write_file_atomic(args.json, lambda f: f.write(json.dumps(payload, indent=1)), text=True)
 
 
