@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ml100k_data import DEFAULT_DIR, read_ml100k  # noqa: E402
 
 from convmf_core.atomic import write_file_atomic  # noqa: E402
-from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, RefitPolicy, TextConfig  # noqa: E402
+from convmf_core.config import CNNConfig, ConvMFConfig, RefitPolicy, TextConfig  # noqa: E402
 from convmf_core.data import DAY_SECONDS, IdMap, Ratings, ratings_from_frame  # noqa: E402
 from convmf_core.metrics import ranking_metrics, rmse  # noqa: E402
 from convmf_core.models.convmf import ConvMF  # noqa: E402
