@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from convmf_core.data import IdMap, Ratings, Split
-from convmf_core.metrics import BEYOND_ACCURACY, evaluate
+from convmf_core.metrics import BEYOND_ACCURACY, center_embeddings, evaluate
 from convmf_core.persistence import ModelBundle, load_model
 from convmf_core.text import Documents
 from tasks.ingest import IngestedData
@@ -39,12 +39,14 @@ def _aligned_documents(documents: Documents, document_ids: list, item_map: IdMap
 
 
 def item_embeddings(bundle: ModelBundle, tokenized: TokenizedData | None) -> np.ndarray | None:
-    """The CNN's own text embedding theta_j = cnn(W, X_j) of every item of ``bundle`` (zeros for items without
-    text), or ``None`` for a model without a text CNN or without the tokenized descriptions."""
+    """The CNN's own text embedding theta_j = cnn(W, X_j) of every item of ``bundle``, centred on the mean over items
+    with text (:func:`convmf_core.metrics.center_embeddings`; zeros for items without text), or ``None`` for a model
+    without a text CNN or without the tokenized descriptions."""
     if tokenized is None or not hasattr(bundle.model, "embed_items"):
         return None
     document_ids, documents, _ = tokenized.load()
-    return bundle.model.embed_items(_aligned_documents(documents, document_ids, bundle.item_map)).numpy()
+    theta = bundle.model.embed_items(_aligned_documents(documents, document_ids, bundle.item_map)).numpy()
+    return center_embeddings(theta)
 
 
 def _finite(value: float) -> float | None:
@@ -82,8 +84,9 @@ def evaluate_model(trained: TrainedModel, n: int, run: RunRef, tokenized: Tokeni
     create_table_artifact(beyond_accuracy_rows(metrics, n), key="beyond-accuracy",
                           description=f"Beyond accuracy of the top-{n} lists of the test users: share of the "
                                       "catalogue recommended, novelty (mean -log2 popularity share, bits), intra-list "
-                                      "diversity (mean pairwise cosine distance of the CNN text embeddings), share "
-                                      "from the 10% most-rated items; cold items: lists ranked among cold items only")
+                                      "diversity (mean pairwise cosine distance of the centred CNN text "
+                                      "embeddings), share from the 10% most-rated items; cold items: lists ranked "
+                                      "among cold items only")
     get_run_logger().info("test RMSE %.4f, MAE %.4f, recall@%d %.4f, coverage %.3f, novelty %.2f bits, diversity "
                           "%.3f, popularity bias %.3f", metrics["rmse"], metrics["mae"], n,
                           metrics.get(f"recall@{n}", float("nan")), metrics[f"coverage@{n}"],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convmf_core.data import Ratings, Split
-from convmf_core.metrics import (GatePolicy, beyond_accuracy, cold_items_of, evaluate, guard_violations, head_items,
+from convmf_core.metrics import (GatePolicy, beyond_accuracy, center_embeddings, cold_items_of, evaluate, guard_violations, head_items,
                                  intra_list_diversity, item_popularity, novelty, parse_gate_metric, popularity_bias,
                                  popularity_share, regression_limit)
 from convmf_core.topn import TopN, top_n
@@ -67,6 +67,15 @@ def test_intra_list_diversity_hand_computed() -> None:
     assert intra_list_diversity(lists([[0, 1]]), np.array([[1.0, 0.0], [-3.0, 0.0]]), 2) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="out of range"):
         intra_list_diversity(lists([[0, 7]]), EMBEDDINGS, 2)
+
+
+def test_centred_embeddings_keep_missing_ones_missing() -> None:
+    # Rows 0, 1, 3 have an embedding, mean (2, 1); row 2 (no text) stays zero and out of the pairs.
+    centred = center_embeddings(np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 0.0], [2.0, 3.0]]))
+    np.testing.assert_allclose(centred, [[-1, -1], [1, -1], [0, 0], [0, 2]])
+    # Raw rows 0 and 1 point the same way (distance 0); centred they are at 90 degrees (distance 1).
+    assert intra_list_diversity(lists([[0, 1]]), np.array([[1.0, 0.0], [3.0, 0.0], [0, 0], [2, 3]]), 2) == 0.0
+    assert intra_list_diversity(lists([[0, 1, 2]]), centred, 3) == pytest.approx(1.0)
 
 
 class FixedLists:

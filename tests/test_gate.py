@@ -249,7 +249,7 @@ def test_rollback_is_recorded_as_an_artifact(accepted, store: Store, capsys: pyt
     assert str(store.client.get_model_version_by_alias(MODEL, CHAMPION_ALIAS).version) == "1"
     record = Artifact.get("alias-move")
     assert record is not None and record.type == "markdown"
-    assert f"champion rolled back to version 1" in record.data
+    assert "champion rolled back to version 1" in record.data
     assert f"| champion | {d.candidate_version} | 1 |" in record.data
     use_tracking_uri(uri)
     for version in (d.candidate_version, "1"):
@@ -303,3 +303,29 @@ def test_top_lists_artifact_and_plots(champion: FlowRun, store: Store) -> None:
     plots = {a.path: a.file_size for a in store.client.list_artifacts(run_id, "plots")}
     assert plots["plots/learning_curve.png"] > 1000 and plots["plots/gate_history.png"] > 1000
     assert mlflow.artifacts.load_text(f"runs:/{run_id}/reports/top_lists.md") == markdown
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Parameters
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_gate_parameters_are_validated_and_flow_defaults_differ() -> None:
+    from pydantic import ValidationError
+
+    from flows.params import NIGHTLY_DEFAULTS, RETRAIN_DEFAULTS, NightlyParams
+    from tasks.guards import config_hash
+
+    for bad in ("ndcg@0", "recall@10", "ndcg", "rmse; drop"):
+        with pytest.raises(ValidationError, match="should match pattern"):
+            TrainingParams(gate_metric=bad)
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        TrainingParams(gate_cold_tolerance=1.5)
+    # Unset: the nightly flow judges NDCG@10, retrain RMSE; an explicit choice wins in both.
+    assert NightlyParams().training_params().gate_policy().metric == NIGHTLY_DEFAULTS.gate_metric == "ndcg@10"
+    assert TrainingParams().with_defaults(RETRAIN_DEFAULTS).gate_policy().metric == "rmse"
+    assert TrainingParams().gate_policy() == GatePolicy("rmse", 0.02, 0.05, 10)
+    chosen = TrainingParams(gate_metric="ndcg@5", gate_other_tolerance=0.1, eval_n=20)
+    assert NightlyParams(training=chosen).training_params().gate_policy() == GatePolicy("ndcg@5", 0.1, 0.05, 20)
+    # The gate's settings do not change the model: a rerun with another gate is still an identical rerun.
+    assert config_hash(chosen) == config_hash(TrainingParams(eval_n=20))
