@@ -271,9 +271,9 @@ class _ALSProblem:
         self.use_bias = cfg.use_bias and not implicit
         self.mu = train.mean() if self.use_bias else 0.0
         values = np.ones(len(train), dtype=np.float32) if implicit else train.values  # implicit: preference 1
-        self.users = torch.as_tensor(train.users, device=device)
-        self.items = torch.as_tensor(train.items, device=device)
-        self.values = torch.as_tensor(values, device=device)
+        # torch warns on read-only arrays (pandas 3 hands them out); these tensors are never written, a copy is cheap
+        self.users, self.items, self.values = (torch.as_tensor(a if a.flags.writeable else a.copy(), device=device)
+                                               for a in (train.users, train.items, values))
         self.user_rows = SparseRows.from_csr(Ratings(train.users, train.items, values, self.n_users,
                                                      self.n_items).csr(), device)
         self.item_rows = SparseRows.from_csr(Ratings(train.items, train.users, values, self.n_items,
