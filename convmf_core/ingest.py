@@ -391,7 +391,8 @@ def _sniff_delimiter(header_line: str, required: list[ColumnSpec], default: str)
     return best
 
 
-_EXTRA_FIELDS = 64  # fields beyond the header's read when a row has too many (a non-empty one makes it malformed)
+_EXTRA_FIELDS = 64  # fields beyond the header's read when a row has too many (a non-empty one makes it malformed;
+#                     a row with more fields whose first 64 extra ones are all empty is not seen as malformed)
 
 
 def _read_fields(text: str, width: int, options: dict[str, Any], nrows: int | None = None) -> pd.DataFrame:
@@ -403,9 +404,16 @@ def _read_fields(text: str, width: int, options: dict[str, Any], nrows: int | No
         saw = re.search(r"Expected \d+ fields in line \d+, saw (\d+)", str(exc))
         if saw is None:
             raise
-        # usecols refuses more names than the widest row has: take the width of the row that failed.
-        wide = list(range(max(width + 1, min(int(saw.group(1)), width + _EXTRA_FIELDS))))
-        return pd.read_csv(io.StringIO(text), names=wide, usecols=wide, low_memory=False, nrows=nrows, **options)
+        # usecols refuses more names than the widest row has, and says how many that is: then ask for those.
+        wide = list(range(width + _EXTRA_FIELDS))
+        try:
+            return pd.read_csv(io.StringIO(text), names=wide, usecols=wide, low_memory=False, nrows=nrows, **options)
+        except ValueError as again:  # pandas' ParserError is a ValueError too
+            found = re.search(r"Too many columns specified: expected \d+ and found (\d+)", str(again))
+            if found is None:
+                raise
+            wide = list(range(max(width + 1, int(found.group(1)))))
+            return pd.read_csv(io.StringIO(text), names=wide, usecols=wide, low_memory=False, nrows=nrows, **options)
 
 
 def _record_line(text: str, record: int, width: int, options: dict[str, Any]) -> int:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import convmf_core.ingest as ingest_module
 from convmf_core.ingest import (
     BAD_TIMESTAMP,
     DUPLICATE_ITEM,
@@ -449,3 +455,221 @@ def test_real_movielens_100k() -> None:
     assert r.counts["items"]["empty_text"] == 91
     assert (r.items["text"] == "").sum() == 91
     assert r.ratings["rating"].between(1, 5).all()
+
+
+# ------------------------------------------------------------------------------------ files as people have them
+
+
+def test_header_only_and_empty_items_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(IngestError, match=r"items\.csv: has no data rows"):
+        run(tmp_path, HEADER + "1,1,4,1\n", "item_id,title,text\r\n")
+    with pytest.raises(IngestError, match=r"items\.csv: is empty"):
+        run(tmp_path, HEADER + "1,1,4,1\n", "\ufeff\r\n")
+    with pytest.raises(IngestError, match=r"items\.csv: no valid rows.*empty_id=1"):
+        run(tmp_path, HEADER + "1,1,4,1\n", "item_id,text\n ,orphan text\n")
+
+
+def test_unknown_columns_are_named_and_extra_columns_are_ignored(tmp_path: Path) -> None:
+    with pytest.raises(IngestError) as exc:
+        run(tmp_path, "uid,iid,stars\n1,1,4\n")
+    message = str(exc.value)
+    assert str(tmp_path / "ratings.csv") in message
+    assert "'user_id'" in message and "'item_id'" in message and "'rating'" in message  # the missing ones
+    assert "['uid', 'iid', 'stars']" in message  # and what the file has instead
+    r = run(tmp_path, "user_id,genre,item_id,rating,comment\n1,drama,1,4,nice\n")  # unknown extra columns: ignored
+    assert r.ratings[["user_id", "item_id"]].values.tolist() == [["1", "1"]]
+
+
+def test_tsv_declared_for_a_csv_name_and_never_one_column(tmp_path: Path) -> None:
+    ratings = "user_id\titem_id\trating\n1\t1\t4\n2\t2\t3\n"
+    items = "item_id\ttitle\ttext\n1\tA, the\tsome, text\n2\tB\tmore\n"
+    r = run(tmp_path, ratings, items, config=IngestConfig(format="tsv"))
+    assert r.ratings["rating"].tolist() == [4.0, 3.0] and r.items["title"].tolist() == ["A, the", "B"]
+    # Declared as TSV but comma-separated: the header is one column, which is an error naming what is missing.
+    with pytest.raises(IngestError, match=r"ratings\.csv: missing required column\(s\) 'user_id', 'item_id', "
+                                          r"'rating'; found columns \['user_id,item_id,rating'\]"):
+        run(tmp_path, "user_id,item_id,rating\n1,1,4\n", items, config=IngestConfig(format="tsv"))
+    # Separated by spaces (no supported delimiter): never read as one column holding everything.
+    with pytest.raises(IngestError, match=r"ratings\.csv: missing required column"):
+        run(tmp_path, "user_id item_id rating\n1 1 4\n")
+
+
+def test_undecodable_byte_names_file_and_line(tmp_path: Path) -> None:
+    data = (HEADER + "1,1,4,1\n1,2,4,1\n").encode() + b"1,3,\xff,1\n"
+    for config in (IngestConfig(encoding="utf-8"), IngestConfig(encoding="utf-8", stream_min_bytes=0,
+                                                                stream_block_bytes=8)):
+        with pytest.raises(IngestError, match=r"ratings\.csv: cannot be decoded as utf-8 (near line|at line) 4"):
+            run(tmp_path, data, config=config)
+    r = run(tmp_path, data)  # auto: Latin-1, and the byte is a character of a non-numeric rating
+    assert r.counts["ratings"]["encoding"] == "latin-1"
+    assert only_quarantined(r)[["line", "reason"]].values.tolist() == [[4, NON_NUMERIC_RATING]]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_unmatched_quote_names_file_and_line(tmp_path: Path, streamed: bool) -> None:
+    ratings = HEADER + '"multi\nline",1,4,1\n2,1,4,1\n3,"never closed,4,1\n4,1,4,1\n'
+    config = IngestConfig(stream_min_bytes=0, stream_block_bytes=5) if streamed else IngestConfig()
+    with pytest.raises(IngestError, match=r"ratings\.csv: line 5: a quoted field opened in this record is never "
+                                          r"closed"):
+        run(tmp_path, ratings, config=config)
+
+
+def test_row_wider_than_header_is_malformed_whatever_its_extra_fields(tmp_path: Path) -> None:
+    r = run(tmp_path, HEADER + "1,1,4,10,,x\n1,2,4,10,\n1,3,4,10" + "," * 30 + "y\n2,2,4,1\n")
+    q = only_quarantined(r)
+    assert q[["line", "reason"]].values.tolist() == [[2, MALFORMED_ROW], [4, MALFORMED_ROW]]
+    assert r.counts["ratings"]["rows_read"] == 4 and len(r.ratings) == 2  # a trailing empty field is tolerated
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "reason"),
+    [("1,A,a,extra", MALFORMED_ROW), (",A,no id", EMPTY_ID), ("  ,A,blank id", EMPTY_ID), ("2,B2,again", DUPLICATE_ITEM)],
+)
+def test_bad_item_row_is_quarantined_and_counted(tmp_path: Path, bad_row: str, reason: str) -> None:
+    items = "item_id,title,text\n2,B,first\n" + bad_row + "\n3,C,third\n2,B,last\n"
+    r = run(tmp_path, HEADER + "1,2,4,1\n1,3,4,1\n", items)
+    q = only_quarantined(r, "items")
+    expected = [(DUPLICATE_ITEM, 2)] + ([(reason, 3)] if reason != DUPLICATE_ITEM else [(reason, 3)])
+    assert sorted(zip(q["reason"], q["line"]), key=lambda t: t[1]) == expected
+    c = r.counts["items"]
+    assert c["rows_read"] == 4 == c["rows_accepted"] + c["rows_quarantined"]
+    assert c["reasons"][reason] == (2 if reason == DUPLICATE_ITEM else 1)
+
+
+def test_parquet_float_ids_are_converted_value_by_value(tmp_path: Path) -> None:
+    ratings = pa.table({"user_id": [1.0, 2.0, 3.0, 4.0], "item_id": [1.0, 2.5, 1e20, float("inf")],
+                        "rating": [4.0, 4.0, 4.0, 4.0]})
+    pq.write_table(ratings, tmp_path / "r.parquet")
+    write(tmp_path / "items.csv", "item_id,text\n1,one\n2.5,two and a half\n")
+    whole = ingest(tmp_path / "r.parquet", tmp_path / "items.csv")
+    check_accounting(whole)
+    assert whole.ratings["item_id"].tolist() == ["1", "2.5"]  # 1.0 -> "1" whatever the other values are
+    q = only_quarantined(whole)
+    assert q[["line", "reason"]].values.tolist() == [[3, UNKNOWN_ITEM], [4, EMPTY_ID]]  # inf is no id
+    streamed = ingest(tmp_path / "r.parquet", tmp_path / "items.csv", IngestConfig(stream_min_bytes=0,
+                                                                                   stream_batch_rows=1))
+    pd.testing.assert_frame_equal(whole.ratings, streamed.ratings)
+    pd.testing.assert_frame_equal(whole.quarantine, streamed.quarantine)
+
+
+BIG_ITEMS_SCRIPT = r"""
+import json, resource, sys
+from pathlib import Path
+from convmf_core.ingest import ingest
+d = Path(sys.argv[1])
+big = ("word, \"quoted\" and\nnewline " * 400_000)[:10 * 2**20].replace('"', '""')
+with open(d / "items.csv", "w") as fh:  # two 10 MB descriptions; the second is superseded by a later row
+    fh.write('item_id,title,text\n1,Big,"' + big + '"\n3,Big again,"' + big + '"\n2,Small,short\n3,C,new\n')
+(d / "ratings.csv").write_text("user_id,item_id,rating\n1,1,4\n1,2,3\n1,3,5\n")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = ingest(d / "ratings.csv", d / "items.csv")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+q = r.quarantine
+second = 3 + big.count(chr(10))  # the line on which the second big record starts
+print(json.dumps({"second": second, "delta_mb": (peak - base) / 1024, "lengths": r.items["text"].str.len().tolist(),
+                  "truncated": r.counts["items"]["text_truncated"], "q": q[["line", "reason"]].values.tolist(),
+                  "raw_len": q["raw"].str.len().tolist(), "mb": (d / "items.csv").stat().st_size / 2**20}))
+"""
+
+
+def test_ten_megabyte_description_is_truncated_in_bounded_memory(tmp_path: Path) -> None:
+    """Measured in a fresh interpreter: the growth of its peak RSS while ingesting two 10 MB descriptions."""
+    out = subprocess.run([sys.executable, "-c", BIG_ITEMS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m["mb"] > 20
+    assert m["lengths"] == [20_000, 5, 3]  # cut to IngestConfig.max_text_chars (item 1), items 2 and 3 as given
+    assert m["truncated"] == 1
+    assert m["q"] == [[m["second"], DUPLICATE_ITEM]]  # the superseded big row, at the line where it starts
+    assert m["raw_len"][0] <= 4096 + len("...[truncated]")  # the quarantine keeps a bounded excerpt
+    assert m["delta_mb"] < 400, m  # about 10x the file at most (measured: ~100-200 MB for 21 MB)
+
+
+# ------------------------------------------------------------------------------------------------------ streaming
+
+
+def _stream_cases() -> dict[str, tuple[str, bytes, str, bytes, IngestConfig]]:
+    """Ratings files with every bad-row kind, duplicates far apart, blank lines and records spanning lines."""
+    rows = ["1,1,4,10", "", '"u\n1",2,3,5', "1,1,5,5", "1,2,x,1", "2,3,4,", "2,3,3,", "1,2,4,40,,x", "1,99,4,1",
+            ",1,4,1", "1,1,6,1", '"multi\nline\nuser",1,2,3', "1,1,4,10", "3,2,2,yesterday", "1,2", "2,3,5,"]
+    csv_text = "\ufeff" + "\r\n".join([HEADER.strip()] + rows) + "\r\n"
+    u_data = "1\t1\t5\t10\r\n1\t2\t3\t11\n\n2\t2\t4\n1\t1\t2\t20\n9\t9\t9\t9\n1\t1\t5\t20\n2\t2\t4\t1\n"
+    u_item = ("1|Misérables (1995)|x||u|" + "|".join("0" * 19) + "\n2|B|x||u|" + "|".join("0" * 19) + "\n")
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({
+        "user_id": pa.array([1, 2, 3, 4, 1, 1, 2], pa.int64()),
+        "item_id": pa.array([1.0, 2.0, 2.5, float("nan"), 1.0, 1.0, 2.0]),
+        "rating": pa.array([4.0, float("nan"), 2.5, 3.0, 5.0, 4.0, 9.0], pa.float32()),
+        "timestamp": pa.array([1_000_000_000, None, 5, 6, 1, 1_000_000_000, 3], pa.timestamp("s"))}), parquet)
+    items = ITEMS_CSV.encode()
+    return {
+        "csv-bom-crlf-quoted": ("ratings.csv", csv_text.encode(), "items.csv", items, IngestConfig()),
+        "tsv-latin1": ("r.tsv", "user_id\titem_id\trating\n1\t1\t4\n1\t1\t3\n\nJosé\t2\t1\n2\t3\tx\n".encode("latin-1"),
+                       "items.csv", items, IngestConfig()),
+        "csv-utf16": ("r.csv", "user_id,item_id,rating\r\n1,1,4\r\n1,1,3\r\n\r\n2,2,1\r\n2,3,é\r\n".encode("utf-16"),
+                      "items.csv", items, IngestConfig()),
+        "movielens-100k": ("u.data", u_data.encode(), "u.item", u_item.encode("latin-1"), IngestConfig()),
+        "movielens-1m": ("ratings.dat", b"1::1::5::978300760\n1::2::3::978302109\n2::1::4::9\n2::1::x::9\n"
+                         b"1::1::5::978300760\n", "movies.dat", b"1::One (1975)::Drama\n2::Two: Two (1996)::War\n",
+                         IngestConfig()),
+        "movielens-latest": ("ratings.csv", b"userId,movieId,rating,timestamp\n1,1,4.0,9\n1,3,0.5,9\n1,3,1.5,9\n"
+                             b"2,2,0.0,1\n", "movies.csv", b'movieId,title,genres\n1,"A, The",Comedy\n3,B,Drama\n'
+                             b"2,C,Drama\n", IngestConfig(rating_min=0.5)),
+        "parquet": ("r.parquet", parquet.getvalue(), "items.csv", items, IngestConfig()),
+        "jsonl (read whole)": ("r.jsonl", b'{"user_id":1,"item_id":1,"rating":4}\n\n{"user_id":1,"item_id":1,'
+                               b'"rating":3}\n{bad\n', "items.csv", items, IngestConfig()),
+    }
+
+
+@pytest.mark.parametrize("case", list(_stream_cases()))
+def test_streaming_gives_the_same_outcome_as_reading_whole(tmp_path: Path, case: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    rname, ratings, iname, items, config = _stream_cases()[case]
+    rpath, ipath = write(tmp_path / rname, ratings), write(tmp_path / iname, items)
+    whole = ingest(rpath, ipath, config)
+    check_accounting(whole)
+    assert whole.counts["ratings"]["rows_quarantined"] > 0
+    batches: list[int] = []
+    add = ingest_module._RatingsAccumulator.add
+
+    def counting_add(self, src):  # type: ignore[no-untyped-def]
+        batches.append(len(src.data))
+        return add(self, src)
+
+    monkeypatch.setattr(ingest_module._RatingsAccumulator, "add", counting_add)
+    for block in (1, 7, 64):
+        batches.clear()
+        streamed = ingest(rpath, ipath, replace(config, stream_min_bytes=0, stream_block_bytes=block,
+                                                stream_batch_rows=2))
+        check_accounting(streamed)
+        if case != "jsonl (read whole)" and block < 64:
+            assert len(batches) > 1, batches  # really read in several batches
+        pd.testing.assert_frame_equal(whole.ratings, streamed.ratings)
+        pd.testing.assert_frame_equal(whole.items, streamed.items)
+        pd.testing.assert_frame_equal(whole.quarantine, streamed.quarantine)  # lines, reasons and raw text
+        assert whole.counts == streamed.counts
+        assert whole.content_hash == streamed.content_hash
+
+
+def test_files_from_the_size_threshold_on_are_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ratings = HEADER + "".join(f"{u},{1 + u % 3},{1 + u % 5},{u}\n" for u in range(200)) + "1,1,9,1\n1,2,4,999\n"
+    rpath, ipath = write(tmp_path / "ratings.csv", ratings), write(tmp_path / "items.csv", ITEMS_CSV)
+    size = rpath.stat().st_size
+    calls: list[str] = []
+    stream = ingest_module._stream_ratings
+    monkeypatch.setattr(ingest_module, "_stream_ratings", lambda *a: calls.append("stream") or stream(*a))
+    small = ingest(rpath, ipath, IngestConfig(stream_min_bytes=size + 1))
+    assert calls == []
+    big = ingest(rpath, ipath, IngestConfig(stream_min_bytes=size, stream_block_bytes=100))
+    assert calls == ["stream"]
+    pd.testing.assert_frame_equal(small.quarantine, big.quarantine)
+    assert small.content_hash == big.content_hash
+    assert only_quarantined(big)[["line", "reason"]].values.tolist() == [[3, DUPLICATE_SUPERSEDED],
+                                                                         [202, RATING_OUT_OF_SCALE]]
+
+
+def test_stream_config_validation() -> None:
+    for bad in (dict(stream_min_bytes=-1), dict(stream_block_bytes=0), dict(stream_batch_rows=0)):
+        with pytest.raises(ValueError, match="stream_"):
+            IngestConfig(**bad)
