@@ -13,8 +13,9 @@ own keep-alive ``http.client`` connection, cycling through a mix of valid bodies
 its text. A request is an error unless it answers 200 with a JSON ``predictions`` list. Afterwards every malformed
 body of :func:`malformed_bodies` is sent once: each must get a 4xx, never a 5xx.
 
-Prints one table (requests, concurrency, errors, p50/p99 latency in ms, requests/s, malformed 4xx/5xx, and the same
-figures per request kind) and, with ``--json PATH``, writes the figures for ``benchmarks/reliability.py``. Timings
+Prints one table (requests, concurrency, errors, p50/p99 latency in ms, requests/s, malformed 4xx/5xx) with a
+baseline in the same run (one client at a time, a tenth of the requests) and the throughput ratio against it, then
+the figures per request kind and, with ``--json PATH``, writes the figures for ``benchmarks/reliability.py``. Timings
 taken while other jobs share the machine are contended: say so when you quote them.
 
     .venv/bin/python benchmarks/serve_load.py --requests 2000 --concurrency 8
@@ -417,12 +418,17 @@ def main(argv: list[str] | None = None) -> None:
         startup = time.perf_counter() - t0
         try:
             load_test(server.port, bodies[:20], min(40, args.requests), min(2, args.concurrency))  # warm-up
+            # Baseline in the same run: one client at a time (no queueing), a tenth of the requests.
+            baseline = load_test(server.port, bodies, min(args.requests, max(50, args.requests // 10)), 1)
             result = load_test(server.port, bodies, args.requests, args.concurrency)
             malformed = check_malformed(server.port, malformed_bodies(users[0], items[0]))
         finally:
             stop_server(server)
 
     figures = result.figures()
+    base = baseline.figures()
+    figures["baseline_concurrency_1"] = {k: base[k] for k in ("requests", "errors", "p50_ms", "p99_ms",
+                                                              "throughput_rps")}
     figures.update({"malformed_total": len(malformed),
                     "malformed_4xx": sum(400 <= s < 500 for _, s in malformed),
                     "malformed_5xx": sum(s >= 500 for _, s in malformed),
@@ -434,10 +440,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{figures['machine']}; 1-min load average {load_before:.1f} before, {figures['load_average_after']:.1f} "
           f"after (above ~0.5 the figures are contended); "
           f"server start {startup:.1f} s\n")
-    print("| requests | concurrency | errors | p50 ms | p99 ms | req/s | malformed -> 4xx | malformed -> 5xx |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {figures['requests']} | {figures['concurrency']} | {figures['errors']} | {figures['p50_ms']:.1f} | "
-          f"{figures['p99_ms']:.1f} | {figures['throughput_rps']:.1f} | {figures['malformed_4xx']}/{len(malformed)} | "
+    print("| run | requests | concurrency | errors | p50 ms | p99 ms | req/s | req/s vs baseline "
+          "| malformed -> 4xx | malformed -> 5xx |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| baseline | {base['requests']} | 1 | {base['errors']} | {base['p50_ms']:.1f} | {base['p99_ms']:.1f} | "
+          f"{base['throughput_rps']:.1f} | 1.00x | | |")
+    print(f"| load | {figures['requests']} | {figures['concurrency']} | {figures['errors']} | "
+          f"{figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} | {figures['throughput_rps']:.1f} | "
+          f"{figures['throughput_rps'] / base['throughput_rps']:.2f}x | {figures['malformed_4xx']}/{len(malformed)} | "
           f"{figures['malformed_5xx']} |")
     print("\n| request kind | requests | p50 ms | p99 ms |\n|---|---:|---:|---:|")
     for kind, f in figures["by_kind"].items():
