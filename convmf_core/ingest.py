@@ -37,6 +37,20 @@ where later lines may be off. In Parquet files it is the 1-based row number.
 
 Row accounting: blank lines are not rows; every other record is read and either accepted or quarantined, so for
 each file ``rows_read == rows_accepted + rows_quarantined``.
+
+Errors name the file, and the line where there is one (a byte that cannot be decoded, a quote never closed). A row
+with more fields than the header is ``malformed_row`` when any extra field is non-empty (up to 64 extra fields
+are looked at).
+
+Large ratings files (``IngestConfig.stream_min_bytes``, 256 MiB by default) are read in batches: text is decoded
+incrementally (``auto`` first checks that the whole file is UTF-8, else reads it as Latin-1, as for a small file)
+and cut at line ends into batches of about ``stream_block_bytes``; a delimited batch that ends inside a quoted
+field is extended until it parses, and the header is put before every batch, so each batch is parsed by the same
+code and gives the records, lines and raw text of a whole-file parse. Parquet is read with
+``ParquetFile.iter_batches``. Every batch gets the same row checks; only the valid rows' ids (Arrow strings),
+rating, time and line are kept, and superseded duplicates are resolved over all batches at the end (their raw text
+is read again from the file). The outcome is the same as reading the file whole (tested on every format). JSON
+lines are always read whole (their columns are the keys of all lines).
 """
 
 from __future__ import annotations

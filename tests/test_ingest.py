@@ -231,8 +231,10 @@ HEADER = "user_id,item_id,rating,timestamp\n"
         ("1,2,4,40,extra", MALFORMED_ROW),
     ],
 )
-def test_bad_rating_row_is_quarantined(tmp_path: Path, bad_row: str, reason: str) -> None:
-    r = run(tmp_path, HEADER + "1,1,4,10\n" + bad_row + "\n3,3,2,30\n")
+@pytest.mark.parametrize("streamed", [False, True])
+def test_bad_rating_row_is_quarantined(tmp_path: Path, bad_row: str, reason: str, streamed: bool) -> None:
+    config = IngestConfig(stream_min_bytes=0, stream_block_bytes=4) if streamed else IngestConfig()
+    r = run(tmp_path, HEADER + "1,1,4,10\n" + bad_row + "\n3,3,2,30\n", config=config)
     q = only_quarantined(r)
     assert q["reason"].tolist() == [reason]
     assert q["line"].tolist() == [3]
