@@ -22,7 +22,8 @@ class NightlyResult:
 
 @flow(name="convmf-nightly", log_prints=True)
 def nightly_flow(params: NightlyParams = NightlyParams()) -> NightlyResult:
-    """Retrain (the new model becomes champion only if it is better), then score every user with the champion."""
-    training = training_flow(params.training)
+    """Retrain (warm-started from the champion, judged on the days after a time cutoff; the new model becomes
+    champion only if it is better), then score every user with the champion."""
+    training = training_flow(params.training_params())  # nightly defaults: time-based split, warm start
     scores = scoring_flow(params.scoring_params())
     return NightlyResult(training, scores)

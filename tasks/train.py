@@ -1,4 +1,5 @@
-"""Prefect task: split the ratings, fit ConvMF (CUDA when present, CPU otherwise), save the model bundle.
+"""Prefect tasks: resolve and apply the split (the paper's random one, or time-based), fit ConvMF (CUDA when present,
+CPU otherwise; from scratch or warm-started from the champion), save the model bundle.
 
 Per-iteration figures go to MLflow (``step=`` the outer iteration) and to the Prefect log as they happen; the
 learning curve is logged as an image artifact at the end.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +18,39 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from convmf_core.config import ConvMFConfig, config_to_dict
-from convmf_core.data import IdMap, Ratings, Split, cold_item_split, random_split, ratings_from_frame
+from convmf_core.data import (DAY_SECONDS, DataError, IdMap, Ratings, Split, cold_item_split, default_time_cutoff,
+                              random_split, ratings_from_frame, time_split)
 from convmf_core.ingest import write_parquet_atomic
 from convmf_core.models.als_mf import load_checkpoint
 from convmf_core.models.base import IterationReport, ModelFitError, resolve_device
 from convmf_core.models.convmf import ConvMF
-from convmf_core.persistence import save_model
+from convmf_core.models.warm_start import warm_start_from
+from convmf_core.persistence import load_model, save_model
 from tasks.ingest import IngestedData
 from tasks.tokenize import TokenizedData
 from tasks.tracking import RunRef, with_retries
+from tasks.warm_start import WarmStartPlan
 
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """How the ratings are split: the paper's random 80/10/10, optionally with a share of cold items held out."""
+    """How the ratings are split. ``kind='random'``: the paper's random 80/10/10 (fractions, seed), optionally with a
+    share of cold items held out. ``kind='time'``: train before ``cutoff`` (Unix seconds; ``None`` until
+    :func:`resolve_split` fixes it from the data), validate on the ``validation_seconds`` after it, test on the
+    ``test_seconds`` after that."""
 
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     cold_item_fraction: float = 0.0
     seed: int = 0
+    kind: str = "random"
+    validation_seconds: int = 7 * DAY_SECONDS
+    test_seconds: int = 7 * DAY_SECONDS
+    cutoff: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("random", "time"):
+            raise ValueError(f"split kind must be 'random' or 'time', not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,14 @@ class TrainedModel:
 
 
 def checkpoint_key(data_hash: str, tokenize_key: str, config: ConvMFConfig, split: SplitSpec,
-                   device: str) -> str:
+                   device: str, warm_from: str | None = None) -> str:
     """sha256 of everything that determines the fitted model: the data, the tokenization, the model configuration
-    (with the device it resolved to) and the split. A rerun of the same training finds the same checkpoint."""
+    (with the device it resolved to), the split (with its resolved cutoff) and the model a warm start begins from.
+    A rerun of the same training finds the same checkpoint."""
     spec = {"data_hash": data_hash, "tokenize_key": tokenize_key, "config": config_to_dict(config),
             "device": device, "split": asdict(split)}
+    if warm_from is not None:
+        spec["warm_from"] = warm_from
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -104,8 +122,50 @@ def close_interrupted_run(checkpoint: Path, run: RunRef) -> str | None:
     return previous if previous != run.run_id else None
 
 
-def split_ratings(ratings: Ratings, spec: SplitSpec) -> tuple[Split, np.ndarray]:
-    """The split and the cold items (rated items with no training rating; empty for the paper's split)."""
+def rating_timestamps(ratings_path: Path, source: str | None = None) -> np.ndarray:
+    """Every rating's timestamp (Unix seconds, in file order), for a time-based split; a :class:`DataError` naming
+    ``source`` (the original file) and the first rows when some rating has none."""
+    ts = pd.read_parquet(ratings_path, columns=["timestamp"])["timestamp"]
+    missing = np.flatnonzero(ts.isna().to_numpy())
+    if missing.size:
+        raise DataError(f"{source or ratings_path}: {missing.size} of {len(ts)} rating(s) have no timestamp (e.g. "
+                        f"accepted row(s) {(missing[:5] + 1).tolist()}); a time-based split needs one on every "
+                        "rating: add them, or use split.kind='random'")
+    return ts.to_numpy(dtype=np.int64)
+
+
+@task(name="resolve-split")
+def resolve_split(ratings_path: Path, spec: SplitSpec, source: str | None = None) -> SplitSpec:
+    """``spec`` with its cutoff fixed: for a time-based split without one, the newest rating's time minus both
+    windows (:func:`convmf_core.data.default_time_cutoff`). The tokenizer and the checkpoint key need it before
+    training starts."""
+    if spec.kind != "time":
+        return spec
+    cutoff = spec.cutoff
+    if cutoff is None:
+        cutoff = default_time_cutoff(rating_timestamps(ratings_path, source),
+                                     validation_seconds=spec.validation_seconds, test_seconds=spec.test_seconds)
+    resolved = replace(spec, cutoff=int(cutoff))
+    get_run_logger().info("time-based split: train before %s, validate until %s, test until %s (UTC)",
+                          *(_utc(resolved.cutoff + s) for s in (0, spec.validation_seconds,
+                                                                 spec.validation_seconds + spec.test_seconds)))
+    return resolved
+
+
+def _utc(seconds: int) -> str:
+    return pd.Timestamp(seconds, unit="s", tz="UTC").isoformat()
+
+
+def split_ratings(ratings: Ratings, spec: SplitSpec, timestamps: np.ndarray | None = None) -> tuple[Split, np.ndarray]:
+    """The split and the cold items (items with validation or test ratings but no training rating: under a time
+    split, items first rated after the cutoff; for the paper's split, none unless ``cold_item_fraction``)."""
+    if spec.kind == "time":
+        if timestamps is None:
+            raise ValueError("a time-based split needs the ratings' timestamps")
+        split = time_split(ratings, timestamps, cutoff=spec.cutoff, validation_seconds=spec.validation_seconds,
+                           test_seconds=spec.test_seconds)
+        held_out = np.union1d(split.validation.items, split.test.items)
+        return split, np.setdiff1d(held_out, split.train.items).astype(np.int64)
     fractions = (1.0 - spec.validation_fraction - spec.test_fraction, spec.validation_fraction, spec.test_fraction)
     if spec.cold_item_fraction > 0:
         return cold_item_split(ratings, spec.cold_item_fraction, fractions, seed=spec.seed)
@@ -154,8 +214,11 @@ def learning_curve_png(history: list[IterationReport], path: Path) -> Path:
 
 @task(name="train")
 def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvMFConfig, split: SplitSpec,
-                 home: Path, run: RunRef) -> TrainedModel:
-    """Fit ConvMF on the ingested ratings and tokenized descriptions; save the bundle under ``home/models``."""
+                 home: Path, run: RunRef, warm: WarmStartPlan | None = None) -> TrainedModel:
+    """Fit ConvMF on the ingested ratings and tokenized descriptions; save the bundle under ``home/models``.
+
+    With a ``warm`` plan in mode ``warm``, the fit starts from that model (its factors mapped through the id maps,
+    its CNN; the documents are already encoded with its vocabulary); otherwise from scratch."""
     logger = get_run_logger()
     device = resolve_device(config.device)
     item_ids, documents, vocabulary = tokenized.load()
@@ -163,7 +226,10 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     ratings_frame = pd.read_parquet(ingested.ratings_path)
     user_map = IdMap.from_values(ratings_frame["user_id"].astype(str).to_numpy(dtype=object))
     ratings = ratings_from_frame(ratings_frame, user_map, item_map)
-    data_split, cold_items = split_ratings(ratings, split)
+    timestamps = None
+    if split.kind == "time":
+        timestamps = rating_timestamps(ingested.ratings_path, ingested.counts.get("ratings", {}).get("file"))
+    data_split, cold_items = split_ratings(ratings, split, timestamps)
     out = Path(home) / "models" / run.run_id
     split_dir = write_split(data_split, cold_items, out / "split")
     train = data_split.train
@@ -175,8 +241,11 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
                     **{f"cnn.{k}": v for k, v in config_to_dict(config.cnn).items()},
                     "seed": config.seed, "device": str(device), "split.validation_fraction": split.validation_fraction,
                     "split.test_fraction": split.test_fraction, "split.cold_item_fraction": split.cold_item_fraction,
-                    "split.seed": split.seed, "n_users": len(user_map), "n_items": len(item_map),
-                    "n_train": len(train), "n_validation": len(data_split.validation), "n_test": len(data_split.test)})
+                    "split.seed": split.seed, "split.kind": split.kind, "n_users": len(user_map),
+                    "n_items": len(item_map), "n_train": len(train), "n_validation": len(data_split.validation),
+                    "n_test": len(data_split.test), "n_cold_items": len(cold_items),
+                    **({"split.cutoff": _utc(split.cutoff), "split.validation_seconds": split.validation_seconds,
+                        "split.test_seconds": split.test_seconds} if split.kind == "time" else {})})
     logger.info("training ConvMF on %s: %d users, %d items, %d/%d/%d ratings", device, len(user_map),
                 len(item_map), len(train), len(data_split.validation), len(data_split.test))
 
@@ -188,8 +257,18 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
 
     # The checkpoint is keyed on what determines the model, not on this run: a run killed mid-training (SIGKILL,
     # a lost machine) and started again - a new flow run, a new MLflow run - resumes where it stopped.
+    warm_start, warm_from = None, None
+    if warm is not None and warm.mode == "warm":
+        previous = load_model(warm.bundle_dir)
+        warm_start = warm_start_from(previous.model, previous.user_map, previous.item_map, user_map, item_map)
+        warm.discard_download()  # everything needed is in memory now
+        warm_from = warm.source_key
+        counts = warm_start.summary()
+        logger.info("warm start from %s: %d known and %d new users, %d known and %d new items", warm.describe(),
+                    counts["warm_users"], counts["new_users"], counts["warm_items"], counts["new_items"])
+        run.log_metrics({f"warm_start_{k}": v for k, v in counts.items()})
     checkpoint = checkpoint_path_for(home, checkpoint_key(ingested.content_hash, tokenized.cache_key, config, split,
-                                                          str(device)))
+                                                          str(device), warm_from))
     resumed_from = checkpoint_iteration(checkpoint)
     interrupted = close_interrupted_run(checkpoint, run)
     if resumed_from is not None:
@@ -199,7 +278,8 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
                       **({"resumed_from_run": interrupted} if interrupted else {})})
     t0 = time.perf_counter()
     model = ConvMF(config).fit(train, data_split.validation, documents=documents, vocabulary_size=len(vocabulary),
-                               callback=report, checkpoint_path=checkpoint, resume=resumed_from is not None)
+                               callback=report, checkpoint_path=checkpoint, resume=resumed_from is not None,
+                               warm_start=warm_start)
     fit_seconds = time.perf_counter() - t0
     for r in model.history_[:resumed_from or 0]:  # iterations the interrupted run did: this run's curve is whole
         run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
@@ -207,7 +287,13 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     best = min((h.validation_rmse for h in model.history_ if h.validation_rmse is not None), default=float("nan"))
     bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
                         metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
-                                  "mlflow_run_id": run.run_id, "best_validation_rmse": best})
+                                  "mlflow_run_id": run.run_id, "best_validation_rmse": best, "split_kind": split.kind,
+                                  "split_cutoff": split.cutoff,
+                                  # a later warm start checks that this model saw nothing after its own cutoff
+                                  "train_max_timestamp": None if timestamps is None else
+                                  int(timestamps[timestamps < split.cutoff].max(initial=-1)),
+                                  "fit_mode": "warm" if warm_start is not None else "full",
+                                  "warm_start_from": warm_from})
     checkpoint.unlink(missing_ok=True)  # the bundle is saved: the next run of this key trains afresh
     checkpoint.with_suffix(".owner.json").unlink(missing_ok=True)
     run.log_metrics({"best_validation_rmse": best, "best_iteration": model.best_iteration_,

@@ -30,7 +30,8 @@ from convmf_core.persistence import load_model
 from convmf_core.synthetic import SyntheticConfig, generate_catalogue
 from flows.cli import build_parser, main
 from flows.nightly import NightlyResult, nightly_flow
-from flows.params import (DataParams, ModelParams, NightlyParams, ScoringParams, StorageParams, TrainingParams)
+from flows.params import (DataParams, ModelParams, NightlyParams, ScoringParams, SplitParams, StorageParams,
+                          TrainingParams)
 from flows.scoring import scoring_flow
 from flows.training import TrainingResult, training_flow
 from tests.pipeline_support import Store, client_for, make_store, new_storage
@@ -86,8 +87,11 @@ def nightly(prefect_harness: None, store: Store) -> NightlyResult:
 
 @pytest.fixture(scope="module")
 def second(nightly: NightlyResult, store: Store) -> TrainingResult:
-    """A second training run on the same (unchanged) data with a clearly worse configuration: version 2."""
-    return training_flow(TrainingParams(model_name=MODEL, data=DATA, model=WORSE, storage=store.storage))
+    """A second training run on the same (unchanged) data with a clearly worse configuration: version 2. It uses
+    the nightly's time-based split (``retrain`` defaults to the random one), so it sees the same split and
+    vocabulary."""
+    return training_flow(TrainingParams(model_name=MODEL, data=DATA, model=WORSE, storage=store.storage,
+                                        split=SplitParams(kind="time")))
 
 
 # ------------------------------------------------------------------------------------------------------------------
