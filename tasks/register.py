@@ -25,9 +25,8 @@ from convmf_core.data import Ratings, Split
 from convmf_core.metrics import GatePolicy, cold_items_of, evaluate, higher_is_better
 from convmf_core.models.base import Recommender, ScoringFactors
 from convmf_core.persistence import ModelBundle, load_model
-from tasks.registry import (CHAMPION_ALIAS, ModelVersionInfo, PromotionDecision,
-                            alias_move_markdown, bundle_rmse, get_alias_version, log_model_version, promote,
-                            rollback_champion)
+from tasks.registry import (CHAMPION_ALIAS, ModelVersionInfo, PromotionDecision, alias_move_markdown, alias_moves,
+                            bundle_rmse, get_alias_version, log_model_version, promote, rollback_champion)
 from tasks.train import TrainedModel, read_split
 from tasks.tracking import RunRef, mlflow_key, with_retries
 
@@ -213,6 +212,9 @@ def promote_model(version: ModelVersionInfo, trained: TrainedModel, run: RunRef,
                   "gate_metric": policy.metric})
     run.log_text(decision.markdown, "promotion/decision.md")
     create_markdown_artifact(decision.markdown, key="promotion", description="Champion/challenger decision")
+    moves = alias_moves(decision.promoted, decision.candidate_version, decision.previous_version)
+    create_markdown_artifact(alias_move_markdown(version.name, moves, decision.time, decision.reason),
+                             key="alias-move", description=f"Alias moves of {version.name}")  # every move, one key
     return decision
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "ModelVersionInfo",
     "PromotionDecision",
     "alias_move_markdown",
+    "alias_moves",
     "bundle_rmse",
     "get_alias_version",
     "load_champion",
@@ -392,9 +393,7 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
     ])
     if policy is not None:
         markdown += "\n\n" + _figures_markdown(policy, figures, champion_figures, previous, guard_notes)
-    markdown += "\n\n" + alias_move_markdown(model_name, [(CHAMPION_ALIAS if promoted else CHALLENGER_ALIAS,
-                                                            version, previous if promoted else None)]
-                                              if previous != version else [], when, reason)
+    markdown += "\n\n" + alias_move_markdown(model_name, alias_moves(promoted, version, previous), when, reason)
     return PromotionDecision(promoted, reason, previous, champion_after, version, metric_name, candidate,
                              champion_value, markdown, recorded, source, baseline_value, attempt, when, run_id,
                              figures if policy is not None else None,
@@ -419,6 +418,14 @@ def _figures_markdown(policy: GatePolicy, candidate: Mapping[str, float], champi
     if notes:
         lines += ["", "Not checked: " + "; ".join(notes) + "."]
     return "\n".join(lines)
+
+
+def alias_moves(promoted: bool, version: str, previous: str | None) -> list[tuple[str, str, str | None]]:
+    """The alias moves of a promotion decision, as ``(alias, to_version, from_version)``: ``champion`` from the
+    previous champion when promoted, else ``challenger`` (none when the version already was the champion)."""
+    if previous == version:
+        return []
+    return [(CHAMPION_ALIAS, version, previous)] if promoted else [(CHALLENGER_ALIAS, version, None)]
 
 
 def alias_move_markdown(model_name: str, moves: Sequence[tuple[str, str, str | None]], when: str,

@@ -239,6 +239,7 @@ def test_genuinely_better_challenger_is_promoted(champion: FlowRun, accepted, st
     assert str(store.client.get_model_version_by_alias(MODEL, CHAMPION_ALIAS).version) == d.candidate_version
     markdown = artifact("promotion", flow_run_id).data
     assert f"| champion | 1 | {d.candidate_version} |" in markdown and "promoted to **champion**" in markdown
+    assert f"| champion | 1 | {d.candidate_version} | {d.time} |" in artifact("alias-move", flow_run_id).data
 
 
 def test_rollback_is_recorded_as_an_artifact(accepted, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
