@@ -937,17 +937,23 @@ def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
     return out
 
 
-def _sorted_codes(parts: list[pa.Array]) -> tuple[np.ndarray, pa.Array]:
-    """(code of each value, the distinct values in ascending order): codes order as the values do (Unicode code
-    points, as pandas sorts strings)."""
-    values = pa.chunked_array(parts, pa.large_string()).combine_chunks()
+def _dictionary_chunks(values: pd.Series) -> list[pa.DictionaryArray]:
+    """``values`` (strings) dictionary-encoded, as a list of Arrow chunks."""
+    encoded = pc.dictionary_encode(pa.array(values, type=pa.string()))
+    return list(encoded.chunks) if isinstance(encoded, pa.ChunkedArray) else [encoded]
+
+
+def _sorted_codes(parts: list[pa.DictionaryArray]) -> tuple[np.ndarray, pa.Array]:
+    """(code of each value, the distinct values in ascending order) of dictionary-encoded batches: codes order as
+    the values do (Unicode code points, as pandas sorts strings)."""
+    if not parts:
+        return np.zeros(0, np.int32), pa.array([], pa.string())
+    encoded = pa.chunked_array(parts, pa.dictionary(pa.int32(), pa.string())).unify_dictionaries().combine_chunks()
     parts.clear()
-    encoded = pc.dictionary_encode(values)
-    del values
     dictionary = encoded.dictionary
     order = pc.sort_indices(dictionary).to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order), dtype=np.int64)
+    rank = np.empty(len(order), dtype=np.int32 if len(order) < 2**31 else np.int64)
+    rank[order] = np.arange(len(order), dtype=rank.dtype)
     codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
     return codes, dictionary.take(pa.array(order))
 
@@ -959,8 +965,9 @@ class _RatingsAccumulator:
     """Validates ratings batch by batch, keeping only what the result needs (internal).
 
     Each batch gets the row checks of :func:`_check_ratings`; its rejected rows go to the quarantine at once, its
-    valid rows are kept compactly (ids as Arrow strings, rating, seconds, first and last line). Duplicates are
-    resolved over all batches in :meth:`finish`, so a pair repeated in two batches is treated as in one file.
+    valid rows are kept compactly (ids dictionary-encoded per batch, rating, seconds, line; the few records that
+    span lines apart). Duplicates are resolved over all batches in :meth:`finish`, so a pair repeated in two
+    batches is treated as in one file.
     """
 
     def __init__(self, path: Path, item_ids: pd.Index, config: IngestConfig) -> None:
@@ -969,12 +976,12 @@ class _RatingsAccumulator:
         self.rows_read = 0
         self.blank_lines = 0
         self.quarantine: list[pd.DataFrame] = []
-        self.user: list[pa.Array] = []
-        self.item: list[pa.Array] = []
+        self.user: list[pa.DictionaryArray] = []
+        self.item: list[pa.DictionaryArray] = []
         self.rating: list[np.ndarray] = []
         self.seconds: list[np.ndarray] = []
         self.line: list[np.ndarray] = []
-        self.span: list[np.ndarray] = []  # last line - first line (records with newlines in quoted fields)
+        self.multiline: list[tuple[np.ndarray, np.ndarray]] = []  # (line, last line) of records spanning lines
 
     def add(self, src: _Source) -> None:
         """Check one batch of records."""
@@ -985,13 +992,26 @@ class _RatingsAccumulator:
         if reason.any():
             self.quarantine.append(_quarantine(src, reason))
         ok = reason == 0
-        self.user.append(pa.array(user[ok], type=pa.large_string()))
-        self.item.append(pa.array(item[ok], type=pa.large_string()))
+        self.user.extend(_dictionary_chunks(user[ok]))
+        self.item.extend(_dictionary_chunks(item[ok]))
         self.rating.append(rating[ok].astype(np.float32))
         self.seconds.append(seconds[ok])
         self.line.append(src.line[ok])
-        span = np.zeros(int(ok.sum()), np.int32) if src.last is None else (src.last - src.line)[ok].astype(np.int32)
-        self.span.append(span)
+        if src.last is not None:
+            spans = ok & (src.last != src.line)
+            if spans.any():
+                self.multiline.append((src.line[spans], src.last[spans]))
+
+    def _last_lines(self, first: np.ndarray) -> np.ndarray:
+        """The last physical line of the records starting on lines ``first``."""
+        last = first.copy()
+        if self.multiline:
+            starts = np.concatenate([m[0] for m in self.multiline])
+            ends = np.concatenate([m[1] for m in self.multiline])
+            at = np.clip(np.searchsorted(starts, first), 0, len(starts) - 1)
+            hit = starts[at] == first
+            last[hit] = ends[at[hit]]
+        return last
 
     def finish(self, fmt: str, encoding: str | None, fetch_raw: RawFetcher
                ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -1006,11 +1026,11 @@ class _RatingsAccumulator:
         rating = _concat(self.rating, np.float32)
         seconds = _concat(self.seconds, np.float64)
         line = _concat(self.line, np.int64)
-        span = _concat(self.span, np.int32)
         # Sorted codes: ordering by (user code, item code) is ordering by (user_id, item_id).
-        pair = u_code.astype(np.int64) * max(len(i_uniq), 1) + i_code
+        pair = u_code.astype(np.int64) * max(len(i_uniq), 1) + i_code.astype(np.int64)
         newest = np.where(np.isnan(seconds), -np.inf, seconds)
-        order = np.lexsort((line, newest, pair))  # by pair, then age, then position in the file
+        # By pair, then age, then position in the file (lexsort is stable and the rows are in file order).
+        order = np.lexsort((newest, pair))
         del newest
         sorted_pair = pair[order]
         del pair
@@ -1031,7 +1051,7 @@ class _RatingsAccumulator:
         parts = self.quarantine
         if len(superseded):
             parts = parts + [_quarantine_frame(self.path, line[superseded], [DUPLICATE_SUPERSEDED] * len(superseded),
-                                               fetch_raw(line[superseded], line[superseded] + span[superseded]))]
+                                               fetch_raw(line[superseded], self._last_lines(line[superseded])))]
         if parts:
             quarantine = pd.concat(parts, ignore_index=True)
             quarantine = quarantine.iloc[np.argsort(quarantine["line"].to_numpy(), kind="stable")]
