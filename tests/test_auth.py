@@ -28,8 +28,8 @@ import pandas as pd
 import pytest
 
 from flows import stack
-from tests.test_deployments import (RETRAIN_PARAMS, ROOT, RUN_TIMEOUT_S, STARTUP_TIMEOUT_S, TERMINAL, free_port,
-                                    kill_group, tails, wait_for)
+from tests.test_deployments import (RETRAIN_PARAMS, ROOT, RUN_TIMEOUT_S, STARTUP_TIMEOUT_S, TERMINAL,
+                                    create_flow_run, free_port, kill_group, tails, wait_for)
 
 USERNAME = "convmf-admin"
 MODEL_NAME = "auth-test"
@@ -181,10 +181,8 @@ def retrained(auth_stack: AuthStack) -> dict[str, Any]:
     deployment = auth_stack.prefect("/deployments/name/convmf-training/retrain")
     assert deployment.status_code == 200, deployment.text
     params = {**RETRAIN_PARAMS, "model_name": MODEL_NAME}
-    created = auth_stack.prefect(f"/deployments/{deployment.json()['id']}/create_flow_run",
-                                 {"parameters": {"params": params}})
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
+    run_id = create_flow_run(lambda path, body: auth_stack.prefect(path, body), deployment.json()["id"],
+                             {"params": params})
     t0 = time.monotonic()
 
     def finished() -> dict[str, Any] | None:

@@ -5,7 +5,8 @@
 * :class:`TestDeploymentsOnARealServer`: a Prefect server and an MLflow server started here on free loopback
   ports; ``prefect --no-prompt deploy --all`` from the project's ``prefect.yaml``; the nightly schedule and the
   scheduled runs the server's scheduler creates; a real process worker running the ``retrain`` deployment with
-  non-default parameters, checked in MLflow.
+  non-default parameters, checked in MLflow; ``retrain`` and ``nightly-retrain`` triggered together run one after
+  the other (the gpu pool's concurrency limit of 1, as ``convmf stack up`` sets it).
 * ``convmf stack up`` then ``convmf stack down``: every process of the stack is gone afterwards.
 
 Every process a test starts is in its own process group and is stopped in a fixture finalizer, even on failure.
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -166,6 +168,23 @@ class Started:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def create_flow_run(post: Callable[[str, Any], httpx.Response], deployment_id: str,
+                    parameters: dict[str, Any], timeout_s: float = 120.0) -> str:
+    """Trigger a deployment run through the API (as the UI's Run button does) and return the run's id.
+
+    A busy SQLite-backed Prefect server answers 503 while its database is locked: the request is sent again with
+    the same idempotency key, so it creates one run at most.
+    """
+    body = {"parameters": parameters, "idempotency_key": uuid.uuid4().hex}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = post(f"/deployments/{deployment_id}/create_flow_run", body)
+        if response.status_code < 500 or time.monotonic() > deadline:
+            assert response.status_code == 201, response.text
+            return response.json()["id"]
+        time.sleep(1.0)
 
 
 def cli(args: list[str], env: dict[str, str], timeout_s: float = STARTUP_TIMEOUT_S,
@@ -344,6 +363,9 @@ def test_stack_cli_has_up_down_status_and_keeps_the_other_commands() -> None:
                               "--timezone", "Asia/Tokyo", "--timeout", "60"])
     assert (args.stack_command, args.prefect_port, args.mlflow_port, args.startup_timeout_s) == ("up", 4300, 5300, 60)
     assert parser.parse_args(["stack", "down", "--timeout", "3"]).stop_timeout_s == 3
+    args = parser.parse_args(["stack", "up", "--auth", "--credentials-file", "/etc/convmf/creds"])
+    assert (args.auth, args.credentials_file) == (True, "/etc/convmf/creds")
+    assert parser.parse_args(["stack", "up"]).auth is None  # unset: $CONVMF_STACK_AUTH or the default decides
     assert parser.parse_args(["stack", "status", "--json"]).json
     for command in (["demo"], ["train"], ["nightly"], ["score"], ["rollback"]):
         assert parser.parse_args(command).command == command[0]
@@ -505,6 +527,9 @@ class Servers:
         response.raise_for_status()
         return response.json()
 
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return httpx.post(f"{self.prefect_url}/api{path}", json=body, timeout=30)
+
 
 @pytest.fixture(scope="class")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
@@ -537,6 +562,9 @@ def deployed(servers: Servers) -> dict[str, Any]:
     """Both process pools, then `prefect --no-prompt deploy --all` from the project root."""
     for pool in ("gpu", "cpu"):
         result = cli([PYTHON, "-m", "prefect", "work-pool", "create", pool, "--type", "process"], servers.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    for pool, limit in stack.POOL_CONCURRENCY.items():  # what `convmf stack up` runs
+        result = cli(stack.pool_concurrency_command(pool, limit, PYTHON), servers.env)
         assert result.returncode == 0, result.stdout + result.stderr
     env = {**servers.env, "CONVMF_TIMEZONE": TIMEZONE, "MLFLOW_TRACKING_URI": servers.mlflow_url,
            "CONVMF_HOME": str(servers.home), "CONVMF_GPU_DEVICES": "0"}
@@ -669,6 +697,38 @@ class TestDeploymentsOnARealServer:
         # Artifacts went through the tracking server into its --artifacts-destination.
         assert any(servers.artifacts.rglob("MLmodel")), "the model's files are not in the artifact store"
 
+    def test_retrain_and_nightly_retrain_triggered_together_do_not_overlap(self, servers: Servers,
+                                                                          deployed: dict[str, Any],
+                                                                          gpu_worker: Path) -> None:
+        """A UI trigger of ``retrain`` while ``nightly-retrain`` runs: each deployment's own limit does not see the
+        other's runs, the gpu pool's limit does. Both runs complete; the second starts after the first ended."""
+        assert servers.api("/work_pools/gpu")["concurrency_limit"] == stack.POOL_CONCURRENCY["gpu"] == 1
+        nightly_training = {**RETRAIN_PARAMS, "model_name": "overlap-nightly"}
+        triggers = {"nightly-retrain": {"params": {"training": nightly_training,
+                                                   "scoring": {"alias": "champion", "n": 5}}},
+                    "retrain": {"params": {**RETRAIN_PARAMS, "model_name": "overlap-retrain"}}}
+        t0 = time.monotonic()
+        run_ids = {}
+        for name, parameters in triggers.items():  # at once, as a UI click during the nightly run would
+            run_ids[name] = create_flow_run(servers.post, deployed[name]["id"], parameters)
+
+        def both_finished() -> dict[str, dict[str, Any]] | None:
+            runs = {name: servers.api(f"/flow_runs/{run_id}") for name, run_id in run_ids.items()}
+            return runs if all(r["state_type"] in TERMINAL for r in runs.values()) else None
+
+        runs = wait_for("both runs to finish", both_finished, 2 * RUN_TIMEOUT_S, logs=[gpu_worker], interval_s=1.0)
+        assert {name: r["state_type"] for name, r in runs.items()} == {n: "COMPLETED" for n in triggers}, \
+            tails([gpu_worker])
+        from datetime import datetime
+
+        spans = sorted((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"]), name)
+                       for name, r in runs.items())
+        (first_start, first_end, first), (second_start, second_end, second) = spans
+        print(f"\n{first} ran {first_start:%H:%M:%S.%f}-{first_end:%H:%M:%S.%f}, {second} "
+              f"{second_start:%H:%M:%S.%f}-{second_end:%H:%M:%S.%f}; both done {time.monotonic() - t0:.1f} s "
+              "after the triggers")
+        assert first_end <= second_start, f"{first} and {second} overlapped"
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # convmf stack up / down
@@ -711,6 +771,9 @@ def test_stack_up_then_down_leaves_no_process_behind(tmp_path: Path) -> None:
         assert nightly["schedules"][0]["schedule"]["timezone"] == "Asia/Tokyo"
         assert nightly["job_variables"]["env"]["MLFLOW_TRACKING_URI"] == mlflow_url
         assert nightly["job_variables"]["env"]["CONVMF_HOME"] == str(home.resolve())
+        pools = {pool: httpx.get(f"{prefect_url}/api/work_pools/{pool}", timeout=10).json() for pool in ("gpu", "cpu")}
+        assert (pools["gpu"]["concurrency_limit"], pools["cpu"]["concurrency_limit"]) == (1, None)
+        assert state["auth"]["enabled"] is False  # loopback, no --auth: no credentials needed
 
         status = cli(convmf_command() + ["stack", "status", "--home", str(home), "--json"], env)
         assert status.returncode == 0, status.stdout + status.stderr
