@@ -12,8 +12,8 @@ test). Planted rows:
 * ``oov-item-*``: day 3's new items, described only with words no earlier description uses.
 
 Runs, in order, in one store: day 1 nightly (no champion: full fit, becomes champion), day 2 nightly (warm start
-from it), day 2 ``retrain`` with the warm start off (the full-fit reference), day 3 nightly (warm start refused:
-the new descriptions are out of vocabulary).
+from it), day 2 ``retrain`` with the warm start off (the full-fit reference), day 3 nightly training (warm start
+refused: the new descriptions are out of vocabulary).
 """
 
 from __future__ import annotations
@@ -172,8 +172,9 @@ def day2_full(day2: NightlyResult, store: Store, deliveries: Deliveries) -> Trai
 
 
 @pytest.fixture(scope="module")
-def day3(day2_full: TrainingResult, store: Store, deliveries: Deliveries) -> NightlyResult:
-    return nightly(store, deliveries, 3)
+def day3(day2_full: TrainingResult, store: Store, deliveries: Deliveries) -> TrainingResult:
+    """Day 3's training as the nightly flow runs it (its defaults), without the scoring that follows."""
+    return training_flow(NightlyParams(training=training_params(store, deliveries, 3)).training_params())
 
 
 def run_of(store: Store, result: TrainingResult):
@@ -296,8 +297,8 @@ def test_warm_start_handles_a_new_user_and_a_new_item(day2: NightlyResult, store
     assert "new-item" not in set(scores.loc[scores["user_id"] == "new-user", "item_id"])  # rated: never shown back
 
 
-def test_out_of_vocabulary_descriptions_force_a_full_refit(day3: NightlyResult, store: Store) -> None:
-    training = day3.training
+def test_out_of_vocabulary_descriptions_force_a_full_refit(day3: TrainingResult, store: Store) -> None:
+    training = day3
     run = run_of(store, training)
     assert run.data.tags["fit_mode"] == "full"
     reason = run.data.tags["fit_mode_reason"]
@@ -360,3 +361,30 @@ def test_sharded_tokenization_equals_the_single_process_one(prefect_harness: Non
     assert item_ids == items["item_id"].tolist()
     assert documents == encode_documents(items["text"].tolist(), expected, text.max_length)
     assert len(item_ids) > 3 * runner.items_per_shard  # it really was sharded
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The pieces of the decision, on their own
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_champion_that_saw_the_validation_window_is_not_a_warm_start() -> None:
+    from tasks.warm_start import leak
+
+    assert leak({"train_max_timestamp": 99}, 100) is None
+    assert "at or after this run's cutoff 100" in leak({"train_max_timestamp": 100}, 100)
+    assert "does not record" in leak({"split_kind": "random"}, 100)  # a retrain on the random split
+    assert leak({}, None) is None  # a random split has no cutoff to protect
+
+
+def test_time_split_without_timestamps_names_the_file(tmp_path: Path) -> None:
+    from convmf_core.data import DataError
+    from tasks.train import rating_timestamps
+
+    frame = pd.DataFrame({"user_id": ["a", "b", "c"], "item_id": ["1", "2", "3"], "rating": [1.0, 2.0, 3.0],
+                          "timestamp": pd.array([1, None, 3], dtype="Int64")})
+    path = write_parquet_atomic(frame, tmp_path / "ratings.parquet")
+    with pytest.raises(DataError, match=r"my/ratings\.csv: 1 of 3 rating\(s\) have no timestamp.*row\(s\) \[2\]"
+                                        r".*split\.kind='random'"):
+        rating_timestamps(path, "my/ratings.csv")
+    assert rating_timestamps(write_parquet_atomic(frame.dropna(), tmp_path / "ok.parquet")).tolist() == [1, 3]
