@@ -176,7 +176,7 @@ def gate_history_png(history: pd.DataFrame, gate_metric: str, path: Path) -> Pat
     fig = Figure(figsize=(7, 3.2))
     ax = fig.subplots()
     x = np.arange(1, len(history) + 1)
-    ax.plot(x, history["candidate"], color="tab:blue", label="challenger", zorder=1)
+    ax.plot(x, history["candidate"], color="tab:blue", label="the run's model", zorder=1)
     promoted = history["promoted"].to_numpy(bool)
     ax.scatter(x[promoted], history["candidate"][promoted], color="tab:blue", label="became champion", zorder=2)
     ax.scatter(x[~promoted], history["candidate"][~promoted], facecolors="white", edgecolors="tab:blue",

@@ -196,9 +196,8 @@ def promote_model(version: ModelVersionInfo, trained: TrainedModel, run: RunRef,
                            value if math.isfinite(value) else float("nan"),
                            higher_is_better=higher_is_better(policy.metric),
                            champion_metric=champion_figures_evaluator(version.name, trained, policy, downloads),
-                           baseline_value=baseline if policy.metric == "rmse" else None, problems=problems
-                           + _baseline_problem(figures["rmse"], baseline, policy), run_id=run.run_id,
-                           policy=policy, candidate_figures=figures)
+                           baseline_value=baseline, problems=problems, run_id=run.run_id, policy=policy,
+                           candidate_figures=figures)
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
     logger.info("promotion of %s v%s (gate %s): %s", version.name, version.version, policy.metric, decision.reason)
@@ -216,13 +215,6 @@ def promote_model(version: ModelVersionInfo, trained: TrainedModel, run: RunRef,
     create_markdown_artifact(alias_move_markdown(version.name, moves, decision.time, decision.reason),
                              key="alias-move", description=f"Alias moves of {version.name}")  # every move, one key
     return decision
-
-
-def _baseline_problem(rmse: float, baseline: float, policy: GatePolicy) -> list[str]:
-    """With an NDCG gate, the global-mean rule still holds on RMSE (with an RMSE gate :func:`promote` checks it)."""
-    if policy.metric == "rmse" or not (math.isfinite(rmse) and math.isfinite(baseline)) or rmse < baseline:
-        return []
-    return [f"rmse {rmse:.4f} is no better than the global-mean predictor's {baseline:.4f} on the same split"]
 
 
 @dataclass(frozen=True)

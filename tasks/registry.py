@@ -251,7 +251,12 @@ def _decide(version: str, previous: str | None, candidate: float, champion_value
         return False, "; ".join(problems)
     if not math.isfinite(candidate):
         return False, f"{metric_name} is {candidate}, not a finite number"
-    if baseline is not None and math.isfinite(baseline) and not beats(candidate, baseline):
+    if policy is not None and policy.metric != "rmse":  # the global-mean rule holds on RMSE whatever the gate
+        rmse = (candidate_figures or {}).get("rmse", float("nan"))
+        if baseline is not None and math.isfinite(baseline) and not (rmse < baseline):
+            return False, (f"rmse {rmse:.4f} is no better than the global-mean predictor's {baseline:.4f} on the "
+                           "same split")
+    elif baseline is not None and math.isfinite(baseline) and not beats(candidate, baseline):
         return False, (f"{metric_name} {candidate:.4f} is no better than the global-mean predictor's "
                        f"{baseline:.4f} on the same split")
     if previous is None:
@@ -291,7 +296,9 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
       ``champion_metric`` raises. No champion yet, or one without a finite figure: a candidate that passes the
       checks below is promoted.
     * Never promoted: NaN or infinite ``candidate_value``; any entry of ``problems`` (e.g. non-finite factors);
-      a candidate no better than ``baseline_value`` (the global-mean predictor on the same split), when given.
+      a candidate no better than ``baseline_value`` (the global-mean predictor on the same split), when given;
+      with a ``policy`` whose metric is not RMSE, ``baseline_value`` is the global mean's RMSE and the candidate's
+      ``candidate_figures["rmse"]`` must beat it.
     * Races: right before moving an alias the champion alias is read again; if it moved since the comparison
       began (another training run promoted meanwhile), the comparison is made again against the new champion, at
       most ``max_attempts`` times (then nothing is promoted). ``before_alias_move(attempt)`` is called between the
@@ -385,14 +392,16 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
         f"| candidate | {version} | {_fmt(candidate)} | this run's validation split |",
         f"| champion before | {previous or 'none'} | {_fmt(champion_value)} | {source} |",
         f"| champion before, as recorded | {previous or 'none'} | {_fmt(recorded)} | its own run's data |",
-        f"| global-mean predictor | - | {_fmt(baseline_value)} | this run's validation split |",
+        f"| global-mean predictor | - | {_fmt(baseline_value if policy is None or policy.metric == 'rmse' else None)} "
+        "| this run's validation split |",
         "",
         f"Reason: {reason}. Champion now: version {champion_after or 'none'}.",
         "",
         f"Time: {when}. Run: {run_id or 'n/a'}. Comparisons: {attempt}.",
     ])
     if policy is not None:
-        markdown += "\n\n" + _figures_markdown(policy, figures, champion_figures, previous, guard_notes)
+        markdown += "\n\n" + _figures_markdown(policy, figures, champion_figures, previous, guard_notes,
+                                                 baseline_value)
     markdown += "\n\n" + alias_move_markdown(model_name, alias_moves(promoted, version, previous), when, reason)
     return PromotionDecision(promoted, reason, previous, champion_after, version, metric_name, candidate,
                              champion_value, markdown, recorded, source, baseline_value, attempt, when, run_id,
@@ -401,7 +410,7 @@ def promote(model_name: str, version: str, metric_name: str, candidate_value: fl
 
 
 def _figures_markdown(policy: GatePolicy, candidate: Mapping[str, float], champion: Mapping[str, float],
-                      previous: str | None, notes: Sequence[str]) -> str:
+                      previous: str | None, notes: Sequence[str], baseline: float | None) -> str:
     """The gate's figures of both models, with the rule each one is held to."""
     lines = [f"#### Gate `{policy.metric}` with guard rails (both models on this run's validation split)", "",
              f"| figure | candidate | champion {previous or 'none'} | rule |", "|---|---|---|---|"]
@@ -415,6 +424,9 @@ def _figures_markdown(policy: GatePolicy, candidate: Mapping[str, float], champi
         else:
             rule = f"reported ({direction})"
         lines.append(f"| {key} | {_fmt(candidate.get(key))} | {_fmt(champion.get(key))} | {rule} |")
+    if baseline is not None:
+        lines.append(f"| rmse of the global-mean predictor | {_fmt(baseline)} | {_fmt(baseline)} | the candidate's "
+                     "rmse must beat it |")
     if notes:
         lines += ["", "Not checked: " + "; ".join(notes) + "."]
     return "\n".join(lines)

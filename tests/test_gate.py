@@ -38,7 +38,7 @@ from flows.cli import main
 from flows.params import DataParams, ModelParams, SplitParams, TrainingParams
 from flows.training import TrainingResult, training_flow
 from tasks.register import promote_model, register_model, use_tracking_uri
-from tasks.registry import CHAMPION_ALIAS, PromotionDecision
+from tasks.registry import CHAMPION_ALIAS, PromotionDecision, promote
 from tasks.train import TrainedModel, read_split
 from tasks.tracking import RunRef, end_run, start_run
 from tests.pipeline_support import Store, make_store
@@ -240,6 +240,21 @@ def test_genuinely_better_challenger_is_promoted(champion: FlowRun, accepted, st
     markdown = artifact("promotion", flow_run_id).data
     assert f"| champion | 1 | {d.candidate_version} |" in markdown and "promoted to **champion**" in markdown
     assert f"| champion | 1 | {d.candidate_version} | {d.time} |" in artifact("alias-move", flow_run_id).data
+
+
+def test_ndcg_gate_keeps_the_global_mean_rule_on_rmse(champion: FlowRun, store: Store) -> None:
+    name = "convmf-gate-baseline"
+    use_tracking_uri(store.storage.resolved_tracking_uri())
+    store.client.create_registered_model(name)
+    version = str(store.client.create_model_version(name, champion.result.version.logged_model_uri).version)
+    figures = {"ndcg@10": 0.9, "rmse": 1.25, "cold_ndcg@10": 0.9, "cold_rmse": 1.0}
+    d = promote(name, version, "validation_ndcg_at_10", 0.9, higher_is_better=True, baseline_value=1.2,
+                policy=POLICY, candidate_figures=figures)
+    assert not d.promoted  # a fine ranking, but ratings no better than predicting the mean: never champion
+    assert d.reason == "rmse 1.2500 is no better than the global-mean predictor's 1.2000 on the same split"
+    assert "| rmse of the global-mean predictor | 1.2000 | 1.2000 | the candidate's rmse must beat it |" in d.markdown
+    assert promote(name, version, "validation_ndcg_at_10", 0.9, higher_is_better=True, baseline_value=1.3,
+                   policy=POLICY, candidate_figures=figures).promoted  # no champion yet, and it beats the mean
 
 
 def test_rollback_is_recorded_as_an_artifact(accepted, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
