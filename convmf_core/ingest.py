@@ -42,7 +42,7 @@ Errors name the file, and the line where there is one (a byte that cannot be dec
 with more fields than the header is ``malformed_row`` when any extra field is non-empty (up to 64 extra fields
 are looked at).
 
-Large ratings files (``IngestConfig.stream_min_bytes``, 256 MiB by default) are read in batches: text is decoded
+Large ratings files (``IngestConfig.stream_min_bytes``, 64 MiB by default) are read in batches: text is decoded
 incrementally (``auto`` first checks that the whole file is UTF-8, else reads it as Latin-1, as for a small file)
 and cut at line ends into batches of about ``stream_block_bytes``; a delimited batch that ends inside a quoted
 field is extended until it parses, and the header is put before every batch, so each batch is parsed by the same
@@ -144,7 +144,7 @@ class IngestConfig:
     title_col: ColumnSpec = "title"
     max_text_chars: int = 20_000
     encoding: str = "auto"
-    stream_min_bytes: int = 256 * 2**20
+    stream_min_bytes: int = 64 * 2**20  # ~2.5M CSV ratings; read whole, such a file takes ~1 GB
     stream_block_bytes: int = 16 * 2**20
     stream_batch_rows: int = 1_000_000
 
@@ -311,7 +311,7 @@ def _resolve_layout(path: Path, role: str, config: IngestConfig, head: bytes) ->
 
 
 def _encodings(head: bytes, encoding: str) -> list[str]:
-    """Codecs to try in turn (``encoding="auto"``: UTF-16 with its BOM, else UTF-8 with or without BOM, else Latin-1)."""
+    """Codecs to try in turn (``auto``: UTF-16 with its BOM, else UTF-8 with or without BOM, else Latin-1)."""
     if encoding == "auto":
         if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             return ["utf-16"]
