@@ -1020,38 +1020,40 @@ class _RatingsAccumulator:
         Of the valid rows of a (user, item) pair the newest is kept (no timestamp = oldest; ties: the last line);
         the others are ``duplicate_superseded``, their raw records fetched with ``fetch_raw``.
         """
+        # Sorted codes: ordering by (user code, item code) is ordering by (user_id, item_id). Arrays are freed as
+        # soon as they are used up (this is the peak of a large ingest).
         u_code, u_uniq = _sorted_codes(self.user)
         i_code, i_uniq = _sorted_codes(self.item)
-        self.user, self.item = [], []
-        rating = _concat(self.rating, np.float32)
+        n_items = max(len(i_uniq), 1)
+        pair = u_code.astype(np.int64) * n_items + i_code
+        del u_code, i_code
         seconds = _concat(self.seconds, np.float64)
-        line = _concat(self.line, np.int64)
-        # Sorted codes: ordering by (user code, item code) is ordering by (user_id, item_id).
-        pair = u_code.astype(np.int64) * max(len(i_uniq), 1) + i_code.astype(np.int64)
         newest = np.where(np.isnan(seconds), -np.inf, seconds)
         # By pair, then age, then position in the file (lexsort is stable and the rows are in file order).
         order = np.lexsort((newest, pair))
         del newest
-        sorted_pair = pair[order]
-        del pair
+        pair = pair[order]
         keep = np.ones(len(order), dtype=bool)
-        keep[:-1] = sorted_pair[1:] != sorted_pair[:-1]  # the last row of each pair in that order wins
-        del sorted_pair
+        keep[:-1] = pair[1:] != pair[:-1]  # the last row of each pair in that order wins
+        pair = pair[keep]
         kept, superseded = order[keep], np.sort(order[~keep])
         del order, keep
+        line = _concat(self.line, np.int64)
+        superseded_line = line[superseded]
+        del line
         ratings = pd.DataFrame({
-            "user_id": _str_series(u_uniq.take(pa.array(u_code[kept]))),
-            "item_id": _str_series(i_uniq.take(pa.array(i_code[kept]))),
-            "rating": rating[kept],
+            "user_id": _str_series(u_uniq.take(pa.array(pair // n_items))),
+            "item_id": _str_series(i_uniq.take(pa.array(pair % n_items))),
+            "rating": _concat(self.rating, np.float32)[kept],
             "timestamp": pd.array(seconds[kept], dtype="Float64").astype("Int64"),
         })
-        del u_code, i_code, rating, seconds, kept
+        del pair, seconds, kept
         ratings = conform_frame(ratings, RATINGS_SCHEMA)
         self.per_code[REASON_CODES.index(DUPLICATE_SUPERSEDED) + 1] += len(superseded)
         parts = self.quarantine
         if len(superseded):
-            parts = parts + [_quarantine_frame(self.path, line[superseded], [DUPLICATE_SUPERSEDED] * len(superseded),
-                                               fetch_raw(line[superseded], self._last_lines(line[superseded])))]
+            parts = parts + [_quarantine_frame(self.path, superseded_line, [DUPLICATE_SUPERSEDED] * len(superseded),
+                                               fetch_raw(superseded_line, self._last_lines(superseded_line)))]
         if parts:
             quarantine = pd.concat(parts, ignore_index=True)
             quarantine = quarantine.iloc[np.argsort(quarantine["line"].to_numpy(), kind="stable")]
