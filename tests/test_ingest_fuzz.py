@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from convmf_core.ingest import REASON_CODES, IngestConfig, IngestError, IngestResult, ingest
 from convmf_core.schemas import ITEMS_SCHEMA, QUARANTINE_SCHEMA, RATINGS_SCHEMA, frame_to_table
 
-FUZZ = settings(max_examples=60, derandomize=True, database=None, deadline=timedelta(seconds=10),
+FUZZ = settings(max_examples=50, derandomize=True, database=None, deadline=timedelta(seconds=10),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 ITEMS_CSV = b"item_id,title,text\n1,Alpha,first film\n2,Beta,second film\n3,Gamma,third film\n"
