@@ -151,7 +151,8 @@ def delimited(header: list[str], rows: list[list[str]], sep: str, newline: str) 
 def test_corrupted_delimited_ratings(workdir: Path, rows: list[list[str]], sep: str, newline: str, bom: bool,
                                      encoding: str, name: str) -> None:
     text = delimited(["user_id", "item_id", "rating", "timestamp"], rows, sep, newline)
-    text = ("\ufeff" if bom else "") + text.replace("\ufeff", "") if bom else text
+    if bom:
+        text = "\ufeff" + text.replace("\ufeff", "")
     try:
         data = text.encode(encoding)
     except UnicodeEncodeError:
