@@ -281,7 +281,8 @@ class WarmStartParams(_Params):
     (fresh vocabulary and weights) runs instead when ``enabled`` is false, when there is no champion, when the
     champion cannot seed this configuration (k or the CNN changed, it saw ratings after this run's cutoff), or when
     a threshold below is passed. The run says which it did and why (Prefect log, MLflow tags ``fit_mode`` and
-    ``fit_mode_reason``).
+    ``fit_mode_reason``). With the random split there is no cutoff to check against: a champion trained on the same
+    ratings has seen some of this run's validation ratings, so a warm ``retrain`` judges itself optimistically.
     """
 
     enabled: bool | None = Field(None, description="null: the flow's default (on for the nightly flow, off for "
