@@ -225,15 +225,14 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("rows lost or duplicated after faults", "0" if survived == len(faults) else "see failing tests"))
 
     if not args.skip_ingest:
-        found = child_json("ingest_scale.py", ["--rows", str(args.ingest_rows)], timeout_s=3600)
+        found = child_json("ingest_scale.py", ["--rows", str(args.ingest_rows), "--modes", "stream"], timeout_s=3600)
         if found is not None:
-            rows.append(("ingest: ratings rows", f"{found.get('rows', '?'):,}" if isinstance(found.get("rows"), int)
-                         else str(found.get("rows"))))
-            for key, label in (("rows_per_s", "ingest: rows/s"), ("peak_rss_mib", "ingest: peak RSS (MiB)"),
-                               ("seconds", "ingest: seconds")):
-                if key in found:
-                    rows.append((label, f"{found[key]:,.0f}" if isinstance(found[key], (int, float)) else
-                                 str(found[key])))
+            stream = next(r for r in found["results"] if r["mode"] == "stream")
+            rows.append(("ingest (streamed): ratings rows / file MB", f"{found['rows']:,} / {found['file_mb']:,.0f}"))
+            rows.append(("ingest: seconds / rows per second", f"{stream['seconds']:,.1f} / {stream['rows_per_s']:,.0f}"))
+            rows.append(("ingest: peak RSS MB", f"{stream['peak_mb']:,.0f}"))
+            rows.append(("ingest: accepted / quarantined / lost", f"{stream['accepted']:,} / {stream['quarantined']:,}"
+                         f" / {found['rows'] - stream['accepted'] - stream['quarantined']:,}"))
 
     if not args.skip_serving:
         found = child_json("serve_load.py", ["--requests", str(args.requests), "--concurrency",
