@@ -210,7 +210,8 @@ def test_nightly_splits_on_time_and_the_vocabulary_knows_nothing_after_the_cutof
     for name, lo, hi in (("train", None, cutoff), ("validation", cutoff, cutoff + 7 * DAY_SECONDS),
                          ("test", cutoff + 7 * DAY_SECONDS, cutoff + WINDOW)):
         part = pd.read_parquet(training.trained.split_dir / f"{name}.parquet")
-        keys = list(zip(bundle.user_map.to_raw(part["user"].to_numpy()), bundle.item_map.to_raw(part["item"].to_numpy())))
+        keys = list(zip(bundle.user_map.to_raw(part["user"].to_numpy()),
+                        bundle.item_map.to_raw(part["item"].to_numpy())))
         ts = stamps.loc[keys].to_numpy()
         assert len(ts) > 0 and ts.max() < hi and (lo is None or ts.min() >= lo), name
     assert len(frame) == sum(int(run.data.params[f"n_{n}"]) for n in ("train", "validation", "test"))
@@ -221,7 +222,7 @@ def test_nightly_splits_on_time_and_the_vocabulary_knows_nothing_after_the_cutof
 
 
 def test_retrain_defaults_to_the_random_split_and_a_full_fit() -> None:
-    from flows.params import NIGHTLY_DEFAULTS, RETRAIN_DEFAULTS
+    from flows.params import RETRAIN_DEFAULTS
 
     params = TrainingParams()
     assert params.split.kind is None and params.warm_start.enabled is None
@@ -246,7 +247,8 @@ def _first_step_within(store: Store, result: TrainingResult, target: float) -> i
     return next((m.step for m in history if m.value <= target), None)
 
 
-def test_nightly_warm_starts_from_the_champion_and_needs_fewer_iterations(day2: NightlyResult, day2_full: TrainingResult,
+def test_nightly_warm_starts_from_the_champion_and_needs_fewer_iterations(day2: NightlyResult,
+                                                                          day2_full: TrainingResult,
                                                                           store: Store) -> None:
     warm, full = day2.training, day2_full
     warm_run, full_run = run_of(store, warm), run_of(store, full)
