@@ -203,6 +203,10 @@ class ModelParams(_Params):
     item_weighting: bool = _LIBRARY.als.item_weighting
     max_iterations: int = Field(_LIBRARY.als.max_iterations, ge=1, le=500)
     patience: int = Field(_LIBRARY.als.patience, ge=1, le=50)
+    warm_start_max_iterations: int = Field(_LIBRARY.als.warm_start_max_iterations, ge=1, le=500,
+                                           description="Outer iterations of a warm-started fit at most")
+    warm_start_patience: int = Field(_LIBRARY.als.warm_start_patience, ge=1, le=50,
+                                     description="Early-stopping patience of a warm-started fit")
     warmup_iterations: int = Field(_LIBRARY.warmup_iterations, ge=0, le=500)
     cnn_epochs_per_iteration: int = Field(_LIBRARY.cnn.epochs_per_iteration, ge=1, le=50)
     embedding_dim: int = Field(_LIBRARY.cnn.embedding_dim, ge=2, le=1024)
@@ -220,7 +224,9 @@ class ModelParams(_Params):
             _LIBRARY,
             als=replace(_LIBRARY.als, n_factors=self.n_factors, lambda_u=self.lambda_u, lambda_v=self.lambda_v,
                         use_bias=self.use_bias, item_weighting=self.item_weighting,
-                        max_iterations=self.max_iterations, patience=self.patience),
+                        max_iterations=self.max_iterations, patience=self.patience,
+                        warm_start_max_iterations=self.warm_start_max_iterations,
+                        warm_start_patience=self.warm_start_patience),
             cnn=replace(_LIBRARY.cnn, embedding_dim=self.embedding_dim, n_filters=self.n_filters,
                         hidden_dim=self.hidden_dim, dropout=self.dropout,
                         epochs_per_iteration=self.cnn_epochs_per_iteration, batch_size=self.batch_size,
