@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger, unmapped
 
 from convmf_core.config import TextConfig
@@ -75,9 +76,12 @@ def tokenize_mapped(ingested: IngestedData, text: TextConfig, source: Vocabulary
     """Count the terms of the vocabulary's corpus and encode every description, shard by shard on the running
     flow's task runner; the merge keeps the shards' order (the result is the single-process one)."""
     item_ids, texts, corpus = read_descriptions(ingested, source)
+    # Object arrays, not lists: Prefect walks list arguments element by element (about 1 s per 200k strings, several
+    # times per task), and leaves arrays alone.
+    texts, item_ids = np.asarray(texts, dtype=object), np.asarray(item_ids, dtype=object)
     vocabulary = source.given
     if vocabulary is None:
-        corpus_texts = [[texts[r] for r in corpus[a:b]] for a, b in item_shards(len(corpus), items_per_shard)]
+        corpus_texts = [texts[corpus[a:b]] for a, b in item_shards(len(corpus), items_per_shard)]
         vocabulary = merge_vocabulary(count_terms_shard.map(corpus_texts, unmapped(text)).result(), text)
     shards = [texts[a:b] for a, b in item_shards(len(texts), items_per_shard)]
     parts = encode_shard.map(shards, unmapped(vocabulary), unmapped(text.max_length)).result()

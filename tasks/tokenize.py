@@ -21,6 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -133,7 +134,7 @@ def read_descriptions(ingested: IngestedData, source: VocabularySource) -> tuple
 
 
 @task(name="count-terms-shard", cache_policy=NO_CACHE)
-def count_terms_shard(texts: list[str], text: TextConfig) -> TermCounts:
+def count_terms_shard(texts: Sequence[str | None], text: TextConfig) -> TermCounts:
     """The per-document word counts of one shard of the vocabulary's corpus (tokenize, truncate, stop words)."""
     return count_terms(texts, text)
 
@@ -145,13 +146,13 @@ def merge_vocabulary(parts: list[TermCounts], text: TextConfig) -> Vocabulary:
 
 
 @task(name="encode-shard", cache_policy=NO_CACHE)
-def encode_shard(texts: list[str], vocabulary: Vocabulary, max_length: int) -> Documents:
+def encode_shard(texts: Sequence[str | None], vocabulary: Vocabulary, max_length: int) -> Documents:
     """One shard of descriptions as word ids of ``vocabulary`` (words outside it deleted)."""
     return encode_documents(texts, vocabulary, max_length)
 
 
 @task(name="write-tokens", cache_policy=NO_CACHE)
-def write_tokens(cache: TokenizedData, item_ids: list[str], source: VocabularySource, corpus_items: int,
+def write_tokens(cache: TokenizedData, item_ids: Sequence[str], source: VocabularySource, corpus_items: int,
                  vocabulary: Vocabulary, parts: list[Documents]) -> TokenizedData:
     """Write the vocabulary and the documents (shards concatenated in order) to the cache entry atomically."""
     docs = Documents.concat(parts)
@@ -160,7 +161,7 @@ def write_tokens(cache: TokenizedData, item_ids: list[str], source: VocabularySo
     tmp = staging_directory(cache.directory)
     offsets = pa.array(docs.offsets.astype(np.int32))
     word_ids = pa.ListArray.from_arrays(offsets, pa.array(docs.ids.astype(np.int32)))
-    pq.write_table(pa.table({"item_id": pa.array(item_ids, pa.string()), "word_ids": word_ids}),
+    pq.write_table(pa.table({"item_id": pa.array(list(item_ids), pa.string()), "word_ids": word_ids}),
                    tmp / "documents.parquet")
     (tmp / "vocabulary.json").write_text(json.dumps(vocabulary.to_dict()))
     (tmp / CORPUS_FILE).write_text(json.dumps({"source": source.describe(), "known_before": source.known_before,
