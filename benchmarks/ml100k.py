@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ml100k_data import DEFAULT_DIR, BenchmarkData, cold_split, paper_split, u1_split  # noqa: E402
 
-from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, PMFConfig, SGDMFConfig  # noqa: E402
+from convmf_core.config import ALSConfig, ConvMFConfig, PMFConfig, SGDMFConfig  # noqa: E402
 from convmf_core.metrics import evaluate  # noqa: E402
 from convmf_core.models.als_mf import PMF  # noqa: E402
 from convmf_core.models.convmf import ConvMF  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from convmf_core.config import TextConfig
-from convmf_core.data import IdMap, Ratings, Split, cold_item_split, random_split, ratings_from_frame, split_given_test
+from convmf_core.data import IdMap, Split, cold_item_split, random_split, ratings_from_frame, split_given_test
 from convmf_core.text import Documents, Vocabulary, build_vocabulary, encode_documents
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     users_per_shard = -(-args.users // args.shards)
     threads = args.threads or ScoringParams().threads
     started = time.perf_counter()
-    spec = make_data(workdir / "data", args.users, args.items, args.factors, args.seen_per_user)
+    make_data(workdir / "data", args.users, args.items, args.factors, args.seen_per_user)
     print(f"data: {args.users:,} users x {args.items:,} items, k={args.factors}, {args.seen_per_user} seen/user "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     import torch

@@ -7,6 +7,7 @@ a CNN with 16-dim embeddings and 8 filters per window, 4 latent factors and a ha
 from __future__ import annotations
 
 import os
+import sys
 
 # Offline machines: Prefect's telemetry otherwise prints tracebacks (and can lock its SQLite database), MLflow's
 # tries the network. Set before any test module imports prefect or mlflow.
@@ -154,3 +155,13 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reset_mlflow_uris() -> Iterator[None]:
+    """The register/lookup tasks set MLflow's process-wide URIs: leave no module's store behind for the next one."""
+    yield
+    mlflow = sys.modules.get("mlflow")  # the core tests never import it
+    if mlflow is not None:
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)

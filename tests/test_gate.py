@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -51,13 +50,6 @@ TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, ma
                    cnn_epochs_per_iteration=1, device="cpu")
 SPLIT = SplitParams(kind="random", cold_item_fraction=0.1)
 POLICY = GatePolicy("ndcg@10", other_tolerance=0.02, cold_tolerance=0.05)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reset_mlflow_uris() -> Iterator[None]:
-    yield
-    mlflow.set_registry_uri(None)
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,14 +125,6 @@ def build_deliveries(root: Path) -> Deliveries:
         files[day] = _write(root / f"day{day}", frame, day_items)
     assert cutoffs[1] == cutoff1 and cutoffs[1] < cutoffs[2] < cutoffs[3]
     return Deliveries(files, cutoffs, frames)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reset_mlflow_uris() -> Iterator[None]:
-    """The register/lookup tasks set MLflow's process-wide URIs; leave no store of this module behind."""
-    yield
-    mlflow.set_registry_uri(None)
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

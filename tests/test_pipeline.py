@@ -16,9 +16,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -49,8 +47,6 @@ TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, ma
 WORSE = TINY.model_copy(update={"n_factors": 1, "lambda_u": 1000.0, "lambda_v": 1000.0, "max_iterations": 1})
 
 
-
-
 def read_partition(partition: Path) -> tuple[dict, pd.DataFrame]:
     """The manifest and the rows of a committed scores partition (the parts it lists)."""
     manifest = json.loads((partition / "_manifest.json").read_text())
@@ -60,15 +56,6 @@ def read_partition(partition: Path) -> tuple[dict, pd.DataFrame]:
 
 def pairs(frame: pd.DataFrame) -> set[tuple[str, str]]:
     return set(zip(frame["user_id"].astype(str), frame["item_id"].astype(str)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reset_mlflow_uris() -> Iterator[None]:
-    """The register/lookup tasks set MLflow's process-wide URIs; leave no store of this module behind."""
-    yield
-    mlflow.set_registry_uri(None)
-    mlflow.set_tracking_uri(None)
-
 
 
 @pytest.fixture(scope="module")

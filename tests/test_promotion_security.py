@@ -48,8 +48,6 @@ TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, ma
 WEAK = TINY.model_copy(update={"max_iterations": 1})
 
 
-
-
 @contextlib.contextmanager
 def in_store(storage: StorageParams) -> Iterator[None]:
     """MLflow's fluent API on ``storage``, inside a run of its experiment (models logged here stay under home)."""
@@ -57,14 +55,6 @@ def in_store(storage: StorageParams) -> Iterator[None]:
     experiment = mlflow.get_experiment_by_name(storage.experiment)
     with mlflow.start_run(experiment_id=experiment.experiment_id):
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reset_mlflow_uris() -> Iterator[None]:
-    yield
-    mlflow.set_registry_uri(None)
-    mlflow.set_tracking_uri(None)
-
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,16 +58,6 @@ from flows.params import TrainingParams
 from flows.training import training_flow
 training_flow(TrainingParams.model_validate_json(sys.argv[1]))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _reset_mlflow_uris() -> Iterator[None]:
-    """The register/lookup tasks set MLflow's process-wide URIs; leave no store of this module behind."""
-    yield
-    mlflow.set_registry_uri(None)
-    mlflow.set_tracking_uri(None)
-
-
 
 
 def runs_of(storage: StorageParams) -> list:
