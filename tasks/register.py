@@ -46,8 +46,11 @@ def register_model(trained: TrainedModel, metrics: dict[str, float], model_name:
     use_tracking_uri(run.tracking_uri)
     tags = {PROMOTION_METRIC: repr(trained.best_validation_rmse), "data_hash": data_hash,
             "test_rmse": repr(metrics.get("rmse", float("nan"))), "device": trained.device}
-    info = log_model_version(trained.bundle_dir, model_name=model_name, run_id=run.run_id, tags=tags,
-                             seen=pd.read_parquet(trained.seen_path))
+    seen = pd.read_parquet(trained.seen_path)
+    # Retried on transient failures (server down, database locked); a retry after a registration that reached the
+    # server finds that version (by run id) instead of registering a second one.
+    info = with_retries(lambda: log_model_version(trained.bundle_dir, model_name=model_name, run_id=run.run_id,
+                                                  tags=tags, seen=seen), "model registration")
     get_run_logger().info("registered %s version %s", model_name, info.version)
     return info
 

@@ -112,6 +112,13 @@ def log_model_version(bundle_dir: Path, *, model_name: str, run_id: str | None, 
     """
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)  # fails early on a missing/corrupt bundle
+    version_tags = {"convmf.model_class": str(manifest.get("model_class")),
+                    "convmf.library_version": str(manifest.get("library_version")), **tags}
+    registered = version_of_run(model_name, run_id) if run_id is not None else None
+    if registered is not None:  # a retry after the registration reached the server: finish it, register nothing
+        _set_version_tags(model_name, str(registered.version), version_tags)
+        return ModelVersionInfo(model_name, str(registered.version), f"models:/{model_name}/{registered.version}",
+                                registered.source, run_id)
     with tempfile.TemporaryDirectory(prefix="convmf-seen-") as tmp:
         artifacts = {"bundle": str(bundle_dir)}
         if seen is not None:
@@ -131,13 +138,21 @@ def log_model_version(bundle_dir: Path, *, model_name: str, run_id: str | None, 
                                            signature=model_signature(), input_example=input_example,
                                            pip_requirements=pip_requirements(), registered_model_name=model_name)
     version = str(info.registered_model_version)
-    client = MlflowClient()
-    version_tags = {"convmf.model_class": str(manifest.get("model_class")),
-                    "convmf.library_version": str(manifest.get("library_version")), **tags}
-    for key, value in version_tags.items():
-        client.set_model_version_tag(model_name, version, key, str(value))
+    _set_version_tags(model_name, version, version_tags)
     return ModelVersionInfo(model_name, version, f"models:/{model_name}/{version}", info.model_uri,
                             info.run_id or None)
+
+
+def version_of_run(model_name: str, run_id: str) -> ModelVersion | None:
+    """The version of ``model_name`` registered from run ``run_id`` (the first one), or ``None``."""
+    found = MlflowClient().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _set_version_tags(model_name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -288,6 +288,18 @@ def test_promotion_reads_the_champion_metric_from_its_run_and_honours_direction(
     assert promote(MODEL_NAME, second, METRIC, 0.7).reason == f"version {second} is already the champion"
 
 
+def test_logging_again_from_the_same_run_registers_no_second_version(tracking: str, trained: Trained) -> None:
+    # What a retry does after a registration whose answer was lost: the version of this run is found, not duplicated.
+    with mlflow.start_run(experiment_id=tracking) as run:
+        pass
+    first = log_model_version(trained.bundle_dir, model_name=MODEL_NAME, run_id=run.info.run_id, tags={"a": "1"})
+    again = log_model_version(trained.bundle_dir, model_name=MODEL_NAME, run_id=run.info.run_id, tags={"b": "2"})
+    assert again.version == first.version and again.model_uri == first.model_uri
+    client = MlflowClient()
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{run.info.run_id}'")) == 1
+    assert {"a", "b", "convmf.model_class"} <= set(client.get_model_version(MODEL_NAME, first.version).tags)
+
+
 # --- the pyfunc on its own (string id maps) --------------------------------------------------------------------------
 
 
