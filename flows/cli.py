@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _outcome(decision) -> str:
+    """One line on the promotion: where the alias went, and why."""
+    return f"{'became champion' if decision.promoted else 'not promoted'} ({decision.reason})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convmf`` console script."""
     args = build_parser().parse_args(argv)
@@ -212,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nmodel {t.version.name} v{t.version.version}: {t.skipped}")
         else:
             print(f"\nmodel {t.version.name} v{t.version.version}: validation RMSE "
-                  f"{t.trained.best_validation_rmse:.4f}, test RMSE {t.metrics['rmse']:.4f}; {t.decision.reason}")
+                  f"{t.trained.best_validation_rmse:.4f}, test RMSE {t.metrics['rmse']:.4f}; {_outcome(t.decision)}")
         print(f"scores: {result.scores}")
         print(f"MLflow: {StorageParams.model_validate(training.storage.model_dump()).resolved_tracking_uri()}")
     elif args.command == "train":
@@ -220,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = training_flow(TrainingParams.model_validate(_training_params(args)))
         print(f"model {result.version.name} v{result.version.version}: "
-              f"{result.skipped or result.decision.reason}")
+              f"{result.skipped or _outcome(result.decision)}")
     elif args.command == "score":
         from flows.scoring import scoring_flow
 
