@@ -1,4 +1,5 @@
-"""Helpers shared by the pipeline test modules: a private MLflow store per module, and a client bound to it."""
+"""Helpers shared by the pipeline test modules: a private MLflow store per module, a client bound to it, and a tiny
+real ConvMF saved as a bundle (for the registry and serving tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from mlflow.tracking import MlflowClient
+
+from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, TextConfig
+from convmf_core.data import IdMap, Split, random_split, ratings_from_frame
+from convmf_core.models.convmf import ConvMF
+from convmf_core.persistence import save_model
+from convmf_core.synthetic import SyntheticConfig, generate_catalogue
+from convmf_core.text import Vocabulary, build_vocabulary, encode_documents
 
 from flows.params import StorageParams
 
@@ -38,3 +47,37 @@ def make_store(template: Path, home: Path) -> Store:
     """A :class:`Store` on a fresh copy of the template."""
     storage = new_storage(template, home)
     return Store(storage, home, client_for(storage))
+
+
+@dataclass(frozen=True)
+class TinyConvMF:
+    """A tiny real ConvMF fitted on a synthetic catalogue and saved as a bundle; ``seen`` = its training pairs."""
+
+    model: ConvMF
+    bundle_dir: Path
+    user_map: IdMap
+    item_map: IdMap
+    split: Split
+    texts: list[str]
+    vocabulary: Vocabulary
+    seen: pd.DataFrame
+
+
+def tiny_convmf(directory: Path) -> TinyConvMF:
+    """Fit a 4-factor ConvMF (2 iterations) on 60 users x 80 items and save it under ``directory/bundle``."""
+    data = generate_catalogue(SyntheticConfig(n_users=60, n_items=80))
+    user_map = IdMap.from_values(data.ratings["user_id"])
+    item_map = IdMap.from_values(data.items["item_id"])
+    split = random_split(ratings_from_frame(data.ratings, user_map, item_map), seed=0)
+    texts = data.items.set_index("item_id").loc[item_map.raw_ids, "description"].tolist()
+    vocabulary = build_vocabulary(texts, TextConfig(vocab_size=200))
+    config = ConvMFConfig(als=ALSConfig(n_factors=4, max_iterations=2),
+                          cnn=CNNConfig(embedding_dim=8, window_sizes=(3,), n_filters=4, hidden_dim=8,
+                                        epochs_per_iteration=1),
+                          device="cpu")
+    model = ConvMF(config).fit(split.train, split.validation, documents=encode_documents(texts, vocabulary),
+                               vocabulary_size=len(vocabulary))
+    bundle_dir = save_model(model, Path(directory) / "bundle", vocabulary=vocabulary, user_map=user_map,
+                            item_map=item_map)
+    seen = pd.DataFrame({"user_id": user_map.to_raw(split.train.users), "item_id": item_map.to_raw(split.train.items)})
+    return TinyConvMF(model, bundle_dir, user_map, item_map, split, texts, vocabulary, seen)

@@ -21,12 +21,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 
-from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, TextConfig
-from convmf_core.data import IdMap, Ratings, random_split, ratings_from_frame
+from convmf_core.data import IdMap, Ratings
 from convmf_core.models.convmf import ConvMF
 from convmf_core.persistence import save_model
-from convmf_core.synthetic import SyntheticConfig, generate_catalogue
-from convmf_core.text import build_vocabulary, encode_documents
 from tasks import registry
 from tasks.pyfunc import ConvMFPyfunc
 from tasks.registry import (
@@ -38,6 +35,7 @@ from tasks.registry import (
     promote,
     rollback_champion,
 )
+from tests.pipeline_support import tiny_convmf
 
 MODEL_NAME = "convmf-test"
 METRIC = "validation_rmse"
@@ -100,22 +98,8 @@ def tracking(mlflow_template: Path, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """A tiny real ConvMF on a synthetic catalogue, saved as a bundle with vocabulary and id maps."""
-    data = generate_catalogue(SyntheticConfig(n_users=60, n_items=80))
-    user_map = IdMap.from_values(data.ratings["user_id"])
-    item_map = IdMap.from_values(data.items["item_id"])
-    split = random_split(ratings_from_frame(data.ratings, user_map, item_map), seed=0)
-    texts = data.items.set_index("item_id").loc[item_map.raw_ids, "description"].tolist()
-    vocabulary = build_vocabulary(texts, TextConfig(vocab_size=200))
-    config = ConvMFConfig(als=ALSConfig(n_factors=4, max_iterations=2),
-                          cnn=CNNConfig(embedding_dim=8, window_sizes=(3,), n_filters=4, hidden_dim=8,
-                                        epochs_per_iteration=1),
-                          device="cpu")
-    model = ConvMF(config).fit(split.train, split.validation, documents=encode_documents(texts, vocabulary),
-                               vocabulary_size=len(vocabulary))
-    bundle_dir = save_model(model, tmp_path_factory.mktemp("bundle") / "bundle", vocabulary=vocabulary,
-                            user_map=user_map, item_map=item_map)
-    seen = pd.DataFrame({"user_id": user_map.to_raw(split.train.users), "item_id": item_map.to_raw(split.train.items)})
-    return Trained(model, bundle_dir, user_map, item_map, split.train, seen)
+    tiny = tiny_convmf(tmp_path_factory.mktemp("bundle"))
+    return Trained(tiny.model, tiny.bundle_dir, tiny.user_map, tiny.item_map, tiny.split.train, tiny.seen)
 
 
 def _log(trained: Trained, experiment_id: str, rmse: float) -> registry.ModelVersionInfo:

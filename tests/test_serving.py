@@ -26,16 +26,15 @@ from mlflow.pyfunc import PyFuncModel
 
 from benchmarks.serve_load import (Server, invoke, live_group_members, malformed_bodies, request, start_server,
                                    stop_server, valid_bodies)
-from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, TextConfig
-from convmf_core.data import IdMap, Ratings, random_split, ratings_from_frame
+from convmf_core.data import IdMap, Ratings
 from convmf_core.foldin import ItemSide, UserFactors, embed_new_items, fold_in_users
 from convmf_core.models.convmf import ConvMF
 from convmf_core.persistence import save_model
-from convmf_core.synthetic import SyntheticConfig, generate_catalogue
-from convmf_core.text import Vocabulary, build_vocabulary, encode_documents
+from convmf_core.text import Vocabulary
 from convmf_core.topn import top_n
 from tasks.pyfunc import ConvMFPyfunc
 from tasks.registry import log_model_version
+from tests.pipeline_support import tiny_convmf
 
 MODEL_NAME = "convmf-serving-test"
 NEW_USER = 99_999
@@ -63,19 +62,10 @@ class Champion:
 def champion(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Champion]:
     """A tiny ConvMF logged as ``models:/convmf-serving-test@champion`` in a private store (once per module)."""
     home = tmp_path_factory.mktemp("serving")
-    data = generate_catalogue(SyntheticConfig(n_users=60, n_items=80))
-    user_map = IdMap.from_values(data.ratings["user_id"])
-    item_map = IdMap.from_values(data.items["item_id"])
-    split = random_split(ratings_from_frame(data.ratings, user_map, item_map), seed=0)
-    texts = data.items.set_index("item_id").loc[item_map.raw_ids, "description"].tolist()
-    vocabulary = build_vocabulary(texts, TextConfig(vocab_size=200))
-    config = ConvMFConfig(als=ALSConfig(n_factors=4, max_iterations=2),
-                          cnn=CNNConfig(embedding_dim=8, window_sizes=(3,), n_filters=4, hidden_dim=8,
-                                        epochs_per_iteration=1), device="cpu")
-    model = ConvMF(config).fit(split.train, split.validation, documents=encode_documents(texts, vocabulary),
-                               vocabulary_size=len(vocabulary))
-    bundle = save_model(model, home / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map)
-    seen = pd.DataFrame({"user_id": user_map.to_raw(split.train.users), "item_id": item_map.to_raw(split.train.items)})
+    tiny = tiny_convmf(home)
+    model, user_map, item_map, split, texts, vocabulary = (tiny.model, tiny.user_map, tiny.item_map, tiny.split,
+                                                            tiny.texts, tiny.vocabulary)
+    bundle, seen = tiny.bundle_dir, tiny.seen
     db = home / "mlflow.db"
     shutil.copyfile(mlflow_template, db)
     uri = f"sqlite:///{db}"
