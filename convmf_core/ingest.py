@@ -751,7 +751,7 @@ def _load(path: Path, role: str, config: IngestConfig) -> _Source:
         text, encoding = _decode(data, path, role, config.encoding)
         if layout == "jsonl":
             rows = _parse_jsonl(text)
-            frame = _canonical(rows, path, role, _required(role, config), _optional(role, config))
+            frame = _canonical(rows, path, role, *_columns(layout, role, config))
         elif layout in ("csv", "tsv", "mllatest-ratings"):
             sep = _delimiter(text.split("\n", 1)[0], layout, role, config)
             rows = _parse_delimited(text, path, role, sep, csv.QUOTE_MINIMAL)
@@ -1381,7 +1381,5 @@ def ingest(ratings_path: str | os.PathLike[str], items_path: str | os.PathLike[s
 def write_parquet_atomic(frame: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> Path:
     """Write ``frame`` (without its index) to Parquet at ``path`` atomically: a temporary file in the same directory,
     fsynced, then ``os.replace``. With ``schema`` the frame is conformed to it first. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = frame_to_table(frame, schema) if schema is not None else pa.Table.from_pandas(frame, preserve_index=False)
     return write_file_atomic(path, lambda fh: pq.write_table(table, fh))

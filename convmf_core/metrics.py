@@ -149,7 +149,7 @@ def _slots(recommended: TopN, n: int) -> np.ndarray:
 
 def item_popularity(train: Ratings) -> np.ndarray:
     """Training ratings per item (``int64``, length ``n_items``): the popularity the beyond-accuracy metrics use."""
-    return np.bincount(np.asarray(train.items, dtype=np.int64), minlength=train.n_items).astype(np.int64)
+    return train.item_counts().astype(np.int64)
 
 
 def popularity_share(popularity: np.ndarray) -> np.ndarray:
@@ -239,10 +239,10 @@ BEYOND_ACCURACY: tuple[str, ...] = ("coverage", "novelty", "diversity", "popular
 
 
 def _slice_metrics(model: EvaluableModel, train: Ratings, test: Ratings, n: int, *, candidates: np.ndarray | None,
-                   relevance_threshold: float | None, block_size: int,
-                   embeddings: np.ndarray | None = None) -> dict[str, float]:
+                   relevance_threshold: float | None, block_size: int, popularity: np.ndarray,
+                   embeddings: np.ndarray | None = None) -> tuple[dict[str, float], TopN | None]:
     """rmse/mae, ranking metrics and beyond-accuracy metrics at n of ``model`` on one test slice (``nan`` when the
-    slice is empty)."""
+    slice is empty), and the slice's top-``n`` lists (None when it has no user)."""
     out: dict[str, float] = {}
     if len(test):
         pred = np.asarray(model.predict(test.users, test.items))
@@ -255,12 +255,12 @@ def _slice_metrics(model: EvaluableModel, train: Ratings, test: Ratings, n: int,
     if len(users) == 0:
         out.update(_nan_ranking(n))
         out.update({f"{name}@{n}": float("nan") for name in BEYOND_ACCURACY})
-        return out
+        return out, None
     rec = model.recommend(users, n, exclude=train, items=candidates, block_size=block_size)
     out.update(ranking_metrics(rec, test, n, relevance_threshold=relevance_threshold))
     catalog = train.n_items if candidates is None else len(candidates)
-    out.update(beyond_accuracy(rec, item_popularity(train), n, catalog_size=catalog, embeddings=embeddings))
-    return out
+    out.update(beyond_accuracy(rec, popularity, n, catalog_size=catalog, embeddings=embeddings))
+    return out, rec
 
 
 def evaluate(model: EvaluableModel, train: Ratings, test: Ratings, *, n: int = 10,
@@ -283,31 +283,28 @@ def evaluate(model: EvaluableModel, train: Ratings, test: Ratings, *, n: int = 1
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if embeddings is not None and len(embeddings) != test.n_items:
         raise ValueError(f"{len(embeddings)} item embeddings for {test.n_items} items")
-    results = _slice_metrics(model, train, test, int(n), candidates=None,
-                             relevance_threshold=relevance_threshold, block_size=block_size, embeddings=embeddings)
+    popularity = item_popularity(train)
+    results, rec = _slice_metrics(model, train, test, int(n), candidates=None, relevance_threshold=relevance_threshold,
+                                  block_size=block_size, popularity=popularity, embeddings=embeddings)
     results["n_test_ratings"] = float(len(test))
     if cold_items is not None:
         cold = np.unique(np.asarray(cold_items, dtype=np.int64))
         if cold.size and (cold[0] < 0 or cold[-1] >= test.n_items):
             raise ValueError(f"cold item index out of range [0, {test.n_items})")
         cold_test = test.subset(np.isin(test.items, cold))
-        cold_results = _slice_metrics(model, train, cold_test, int(n), candidates=cold,
-                                      relevance_threshold=relevance_threshold, block_size=block_size,
-                                      embeddings=embeddings)
+        cold_results, _ = _slice_metrics(model, train, cold_test, int(n), candidates=cold,
+                                         relevance_threshold=relevance_threshold, block_size=block_size,
+                                         popularity=popularity, embeddings=embeddings)
         results.update({f"cold_{key}": value for key, value in cold_results.items()})
         results["n_cold_test_ratings"] = float(len(cold_test))
-        results[f"cold_item_share@{n}"] = _cold_share(model, train, test, int(n), cold, block_size)
+        results[f"cold_item_share@{n}"] = _cold_share(rec, int(n), cold)
     return results
 
 
-def _cold_share(model: EvaluableModel, train: Ratings, test: Ratings, n: int, cold: np.ndarray,
-                block_size: int) -> float:
-    """Share of the filled slots of the unrestricted top-``n`` lists (test users, training items excluded) that
-    hold a cold item."""
-    users = np.unique(test.users)
-    if len(users) == 0:
-        return float("nan")
-    slots = _slots(model.recommend(users, n, exclude=train, block_size=block_size), n)
+def _cold_share(rec: TopN | None, n: int, cold: np.ndarray) -> float:
+    """Share of the filled slots of the unrestricted top-``n`` lists ``rec`` (test users, training items excluded;
+    the lists :func:`evaluate` already ranked) that hold a cold item."""
+    slots = _slots(rec, n) if rec is not None else np.zeros(0, dtype=np.int64)
     return float(np.mean(np.isin(slots, cold))) if slots.size else float("nan")
 
 
