@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +34,7 @@ from tasks.registry import (
     promote,
     rollback_champion,
 )
-from tests.pipeline_support import tiny_convmf
+from tests.pipeline_support import new_storage, tiny_convmf
 
 MODEL_NAME = "convmf-test"
 METRIC = "validation_rmse"
@@ -54,25 +53,10 @@ class Trained:
     seen: pd.DataFrame
 
 
-@pytest.fixture(scope="session")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty MLflow SQLite store (tracking + registry tables), created once."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    uri = f"sqlite:///{path}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_experiments()
-        client.search_registered_models()
-    return path
-
-
 @contextlib.contextmanager
 def _tracking_store(template: Path, directory: Path) -> Iterator[str]:
     """A private copy of the store as tracking and registry URI; yields an experiment id with artifacts in tmp."""
-    db = directory / "mlflow.db"
-    shutil.copyfile(template, db)
-    uri = f"sqlite:///{db}"
+    uri = new_storage(template, directory).resolved_tracking_uri()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         mp.setenv("MLFLOW_TRACKING_URI", uri)

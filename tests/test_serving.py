@@ -10,7 +10,6 @@ benchmark's start-up, shutdown and malformed-body list are tested here too.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +33,7 @@ from convmf_core.text import Vocabulary
 from convmf_core.topn import top_n
 from tasks.pyfunc import ConvMFPyfunc
 from tasks.registry import log_model_version
-from tests.pipeline_support import tiny_convmf
+from tests.pipeline_support import new_storage, tiny_convmf
 
 MODEL_NAME = "convmf-serving-test"
 NEW_USER = 99_999
@@ -66,9 +65,7 @@ def champion(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) ->
     model, user_map, item_map, split, texts, vocabulary = (tiny.model, tiny.user_map, tiny.item_map, tiny.split,
                                                             tiny.texts, tiny.vocabulary)
     bundle, seen = tiny.bundle_dir, tiny.seen
-    db = home / "mlflow.db"
-    shutil.copyfile(mlflow_template, db)
-    uri = f"sqlite:///{db}"
+    uri = new_storage(mlflow_template, home).resolved_tracking_uri()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("MLFLOW_REGISTRY_URI", uri)
