@@ -13,13 +13,13 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from convmf_core.data import IdMap, Ratings, Split
+from convmf_core.data import IdMap, Split
 from convmf_core.metrics import BEYOND_ACCURACY, center_embeddings, evaluate
 from convmf_core.persistence import ModelBundle, load_model
 from convmf_core.text import Documents
 from tasks.ingest import IngestedData
 from tasks.tokenize import TokenizedData
-from tasks.train import TrainedModel, read_split
+from tasks.train import TrainedModel, new_figure, read_split, save_figure
 from tasks.tracking import RunRef, mlflow_key, with_retries
 
 LIST_USERS = 3  # users shown in the "top-lists" artifact
@@ -99,15 +99,9 @@ def evaluate_model(trained: TrainedModel, n: int, run: RunRef, tokenized: Tokeni
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _all_ratings(split: Split) -> Ratings:
-    parts = (split.train, split.validation, split.test)
-    return Ratings(np.concatenate([p.users for p in parts]), np.concatenate([p.items for p in parts]),
-                   np.concatenate([p.values for p in parts]), split.train.n_users, split.train.n_items)
-
-
-def _titles(items_path: Path, item_ids: np.ndarray) -> list[str]:
-    """A readable name per item: its title, else the start of its description, else its id."""
-    frame = pd.read_parquet(items_path).drop_duplicates("item_id").set_index("item_id")
+def _titles(frame: pd.DataFrame, item_ids: np.ndarray) -> list[str]:
+    """A readable name per item of the catalogue ``frame`` (indexed by item id): its title, else the start of its
+    description, else its id."""
     names = []
     for raw in item_ids:
         row = frame.loc[raw] if raw in frame.index else None
@@ -127,19 +121,20 @@ def lists_markdown(bundle: ModelBundle, split: Split, items_path: Path, n_users:
     candidates = np.unique(train.users)
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(candidates, size=min(n_users, len(candidates)), replace=False))
-    top = model.recommend(users, n, exclude=_all_ratings(split))
+    top = model.recommend(users, n, exclude=split.train.concat(split.validation).concat(split.test))
+    catalogue = pd.read_parquet(items_path).drop_duplicates("item_id").set_index("item_id")
     lines = [f"### Top-{n} of {len(users)} sampled users", "",
              "Scores are the model's predicted ratings before clipping (they order the list). Items the user has "
              "rated (training, validation and test) are left out, as in the served lists.", ""]
     for row, user in enumerate(users):
         mine = np.flatnonzero(train.users == user)
         best = mine[np.argsort(-train.values[mine], kind="stable")][:5]
-        liked = _titles(items_path, bundle.item_map.to_raw(train.items[best]))
+        liked = _titles(catalogue, bundle.item_map.to_raw(train.items[best]))
         lines += [f"#### User `{bundle.user_map.to_raw([user])[0]}` ({len(mine)} training ratings)", "",
                   "Rated highest: " + "; ".join(f"{t} ({train.values[i]:g})" for t, i in zip(liked, best)), "",
                   "| rank | item | title | score |", "|---|---|---|---|"]
         filled = top.items[row][top.items[row] >= 0]
-        titles = _titles(items_path, bundle.item_map.to_raw(filled))
+        titles = _titles(catalogue, bundle.item_map.to_raw(filled))
         lines += [f"| {rank} | `{raw}` | {title} | {score:.3f} |" for rank, (raw, title, score)
                   in enumerate(zip(bundle.item_map.to_raw(filled), titles, top.scores[row]), start=1)]
         lines.append("")
@@ -168,12 +163,7 @@ def gate_history(run: RunRef, model_name: str, gate_metric: str) -> pd.DataFrame
 def gate_history_png(history: pd.DataFrame, gate_metric: str, path: Path) -> Path:
     """Plot the gate metric run by run: each run's challenger (filled when it became champion) and the champion it
     was compared with, on that run's validation split."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.2))
+    fig = new_figure()
     ax = fig.subplots()
     x = np.arange(1, len(history) + 1)
     ax.plot(x, history["candidate"], color="tab:blue", label="the run's model", zorder=1)
@@ -186,10 +176,7 @@ def gate_history_png(history: pd.DataFrame, gate_metric: str, path: Path) -> Pat
     ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
     ax.set(title=f"validation {gate_metric} per training run", xlabel="run start (UTC)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path)
 
 
 @task(name="look-at-lists")

@@ -71,10 +71,19 @@ class ValidationSet:
         return float(np.sqrt(np.mean((self.ratings.astype(np.float64) - self.global_mean) ** 2)))
 
 
-def validation_set(trained: TrainedModel) -> ValidationSet:
-    """This run's validation split (dense indices of its id maps) as raw ids, with the training mean."""
+def _load_trained(trained: TrainedModel) -> tuple[ModelBundle, Split]:
+    """The run's bundle and its split (read once per promotion)."""
     bundle = load_model(trained.bundle_dir)
     split, _ = read_split(trained.split_dir, bundle.model.n_users, bundle.model.n_items)
+    return bundle, split
+
+
+def validation_set(trained: TrainedModel) -> ValidationSet:
+    """This run's validation split (dense indices of its id maps) as raw ids, with the training mean."""
+    return _validation_of(*_load_trained(trained))
+
+
+def _validation_of(bundle: ModelBundle, split: Split) -> ValidationSet:
     v, train = split.validation, split.train
     return ValidationSet(bundle.user_map.to_raw(v.users), bundle.item_map.to_raw(v.items),
                          np.asarray(v.values, dtype=np.float64), float(np.mean(np.asarray(train.values, np.float64))))
@@ -155,12 +164,11 @@ def gate_figures(model: Recommender, split: Split, policy: GatePolicy) -> dict[s
     return {key: float(measured[key]) for key in policy.figure_keys()}
 
 
-def champion_figures_evaluator(model_name: str, trained: TrainedModel, policy: GatePolicy,
+def champion_figures_evaluator(model_name: str, mine: ModelBundle, split: Split, policy: GatePolicy,
                                destination: Path) -> Callable[[ModelVersion], dict[str, float]]:
     """``champion_metric`` for :func:`tasks.registry.promote` with a gate policy: downloads a version's bundle and
-    measures it on this run's validation split, in this run's index space (:func:`reindexed_model`)."""
-    mine = load_model(trained.bundle_dir)
-    split, _ = read_split(trained.split_dir, mine.model.n_users, mine.model.n_items)
+    measures it on this run's validation ``split``, in the index space of this run's bundle ``mine``
+    (:func:`reindexed_model`)."""
 
     def measure(found: ModelVersion) -> dict[str, float]:
         bundle_dir, _ = download_version(model_name, str(found.version), destination)
@@ -168,13 +176,6 @@ def champion_figures_evaluator(model_name: str, trained: TrainedModel, policy: G
         return gate_figures(champion, split, policy)
 
     return measure
-
-
-def candidate_figures(trained: TrainedModel, policy: GatePolicy) -> dict[str, float]:
-    """The challenger's own figures on its validation split (see :func:`gate_figures`)."""
-    bundle = load_model(trained.bundle_dir)
-    split, _ = read_split(trained.split_dir, bundle.model.n_users, bundle.model.n_items)
-    return gate_figures(bundle.model, split, policy)
 
 
 @task(name="promote")
@@ -188,17 +189,18 @@ def promote_model(version: ModelVersionInfo, trained: TrainedModel, run: RunRef,
     ``promotion`` markdown artifact and the run's ``promotion/decision.md``."""
     use_tracking_uri(run.tracking_uri)
     logger = get_run_logger()
-    validation = validation_set(trained)
+    mine, split = _load_trained(trained)
+    validation = _validation_of(mine, split)
     baseline = validation.baseline_rmse()
     problems = model_problems(trained.bundle_dir, validation)
-    figures = candidate_figures(trained, policy)
+    figures = gate_figures(mine.model, split, policy)  # the challenger's own figures
     value = figures[policy.metric]
     downloads = trained.split_dir.parent / "champion"
     try:
         decision = promote(version.name, version.version, f"validation_{mlflow_key(policy.metric)}",
                            value if math.isfinite(value) else float("nan"),
                            higher_is_better=higher_is_better(policy.metric),
-                           champion_metric=champion_figures_evaluator(version.name, trained, policy, downloads),
+                           champion_metric=champion_figures_evaluator(version.name, mine, split, policy, downloads),
                            baseline_value=baseline, problems=problems, run_id=run.run_id, policy=policy,
                            candidate_figures=figures)
     finally:

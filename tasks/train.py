@@ -122,10 +122,12 @@ def close_interrupted_run(checkpoint: Path, run: RunRef) -> str | None:
     return previous if previous != run.run_id else None
 
 
-def rating_timestamps(ratings_path: Path, source: str | None = None) -> np.ndarray:
+def rating_timestamps(ratings_path: Path, source: str | None = None, frame: pd.DataFrame | None = None
+                      ) -> np.ndarray:
     """Every rating's timestamp (Unix seconds, in file order), for a time-based split; a :class:`DataError` naming
-    ``source`` (the original file) and the first rows when some rating has none."""
-    ts = pd.read_parquet(ratings_path, columns=["timestamp"])["timestamp"]
+    ``source`` (the original file) and the first rows when some rating has none. ``frame``: the ratings of
+    ``ratings_path`` already read (the file is not read again)."""
+    ts = (pd.read_parquet(ratings_path, columns=["timestamp"]) if frame is None else frame)["timestamp"]
     missing = np.flatnonzero(ts.isna().to_numpy())
     if missing.size:
         raise DataError(f"{source or ratings_path}: {missing.size} of {len(ts)} rating(s) have no timestamp (e.g. "
@@ -191,14 +193,27 @@ def read_split(directory: Path, n_users: int, n_items: int) -> tuple[Split, np.n
     return Split(*parts), cold
 
 
-def learning_curve_png(history: list[IterationReport], path: Path) -> Path:
-    """Plot train loss and validation RMSE per iteration to ``path`` (matplotlib, no display needed)."""
+def new_figure(figsize: tuple[float, float] = (7, 3.2)):
+    """A matplotlib figure that needs no display (the Agg backend); write it with :func:`save_figure`."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 3.2))
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig`` and write it to ``path`` (its directory created); returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def learning_curve_png(history: list[IterationReport], path: Path) -> Path:
+    """Plot train loss and validation RMSE per iteration to ``path`` (matplotlib, no display needed)."""
+    fig = new_figure()
     ax1, ax2 = fig.subplots(1, 2)
     it = [h.iteration for h in history]
     ax1.plot(it, [h.train_loss for h in history], marker="o")
@@ -206,10 +221,7 @@ def learning_curve_png(history: list[IterationReport], path: Path) -> Path:
     ax2.plot(it, [h.validation_rmse if h.validation_rmse is not None else np.nan for h in history], marker="o",
              color="tab:orange")
     ax2.set(title="validation RMSE", xlabel="iteration")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path)
 
 
 @task(name="train")
@@ -228,7 +240,8 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     ratings = ratings_from_frame(ratings_frame, user_map, item_map)
     timestamps = None
     if split.kind == "time":
-        timestamps = rating_timestamps(ingested.ratings_path, ingested.counts.get("ratings", {}).get("file"))
+        timestamps = rating_timestamps(ingested.ratings_path, ingested.counts.get("ratings", {}).get("file"),
+                                       frame=ratings_frame)
     data_split, cold_items = split_ratings(ratings, split, timestamps)
     out = Path(home) / "models" / run.run_id
     split_dir = write_split(data_split, cold_items, out / "split")
@@ -249,11 +262,14 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     logger.info("training ConvMF on %s: %d users, %d items, %d/%d/%d ratings", device, len(user_map),
                 len(item_map), len(train), len(data_split.validation), len(data_split.test))
 
+    def log_iteration(r: IterationReport) -> None:
+        run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
+                         "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
+
     def report(r: IterationReport) -> None:
         logger.info("iteration %d: train loss %.4f, validation RMSE %s, %.2f s", r.iteration, r.train_loss,
                     "n/a" if r.validation_rmse is None else f"{r.validation_rmse:.4f}", r.seconds)
-        run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
-                         "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
+        log_iteration(r)
 
     # The checkpoint is keyed on what determines the model, not on this run: a run killed mid-training (SIGKILL,
     # a lost machine) and started again - a new flow run, a new MLflow run - resumes where it stopped.
@@ -282,8 +298,7 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
                                warm_start=warm_start)
     fit_seconds = time.perf_counter() - t0
     for r in model.history_[:resumed_from or 0]:  # iterations the interrupted run did: this run's curve is whole
-        run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
-                         "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
+        log_iteration(r)
     best = min((h.validation_rmse for h in model.history_ if h.validation_rmse is not None), default=float("nan"))
     bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
                         metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
