@@ -1,11 +1,17 @@
-"""Helpers shared by the pipeline test modules: a private MLflow store per module, a client bound to it, and a tiny
-real ConvMF saved as a bundle (for the registry and serving tests)."""
+"""Helpers shared by the pipeline test modules: a private MLflow store per module, a client bound to it, a tiny
+real ConvMF saved as a bundle (for the registry and serving tests), and a child process SIGKILLed mid-run."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -81,3 +87,28 @@ def tiny_convmf(directory: Path) -> TinyConvMF:
                             item_map=item_map)
     seen = pd.DataFrame({"user_id": user_map.to_raw(split.train.users), "item_id": item_map.to_raw(split.train.items)})
     return TinyConvMF(model, bundle_dir, user_map, item_map, split, texts, vocabulary, seen)
+
+
+def sigkill_child_when(code: str, argument: str, log: Path, ready: Callable[[], bool], what: str,
+                       poll_s: float = 0.05, timeout_s: float = 180) -> None:
+    """Run ``python -c code argument`` from the repository root (in its own session, on the test's Prefect API) and
+    SIGKILL its process group as soon as ``ready()``; fail if it ends first or ``what`` is not ready in time."""
+    import prefect.settings
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()), "PYTHONPATH": str(root)}
+    with log.open("wb") as out:  # a file, not a pipe: a full pipe would block the child
+        child = subprocess.Popen([sys.executable, "-c", code, argument], cwd=root, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert child.poll() is None, f"the child ended before the kill: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+            time.sleep(poll_s)
+        os.killpg(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)

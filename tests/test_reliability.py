@@ -15,11 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,11 +31,10 @@ from flows.params import DataParams, ModelParams, NightlyParams, ScoringParams, 
 from flows.training import training_flow
 from tasks.guards import DataGateError, config_hash, evaluate_gate
 from tasks.train import SplitSpec, checkpoint_key
-from tests.pipeline_support import client_for, new_storage
+from tests.pipeline_support import client_for, new_storage, sigkill_child_when
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN_DATE = dt.date(2026, 1, 2)
 DATA = DataParams(builtin_users=80, builtin_items=60)
 TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, max_iterations=3,
@@ -95,29 +89,11 @@ def test_checkpoint_key_depends_on_what_determines_the_model() -> None:
 
 def test_training_killed_mid_run_resumes_to_the_same_model(prefect_harness: None, mlflow_template: Path,
                                                            tmp_path: Path) -> None:
-    import prefect.settings
-
     storage = new_storage(mlflow_template, tmp_path / "killed")
     params = TrainingParams(model_name="resume-test", data=DATA, model=SLOW, storage=storage)
     checkpoints = tmp_path / "killed" / "checkpoints"
-    env = {**os.environ, "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()),
-           "PYTHONPATH": str(ROOT)}
-    log = tmp_path / "child.log"  # a file, not a pipe: a full pipe would block the child
-    with log.open("wb") as out:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, params.model_dump_json()], cwd=ROOT, env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while checkpoint_iteration(checkpoints) < 2:
-            assert child.poll() is None, f"training ended before the kill: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint of iteration 2 within 180 s"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            child.wait(timeout=30)
+    sigkill_child_when(CHILD, params.model_dump_json(), tmp_path / "child.log",
+                       lambda: checkpoint_iteration(checkpoints) >= 2, "checkpoint of iteration 2")
     killed_at = checkpoint_iteration(checkpoints)
     assert 2 <= killed_at < SLOW.max_iterations  # killed mid-training: iterations were left to do
     assert client_for(storage).search_registered_models() == []  # nothing half-registered

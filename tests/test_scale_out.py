@@ -10,12 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +30,7 @@ from flows.scoring import scoring_flow, shard_task_runner
 from tasks.register import use_tracking_uri
 from tasks.registry import log_model_version, promote
 from tasks.score import PLAN_FILE, SEEN_DIR
+from tests.pipeline_support import new_storage, sigkill_child_when
 
 # MLflow 3.17's input-example validation compares DataFrame columns with a range, which pandas 3.1 deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")
@@ -61,9 +56,7 @@ class Champion:
 def champion(mlflow_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Champion]:
     """A tiny PMF registered as ``MODEL@champion`` in a private MLflow store, with its training pairs as seen."""
     home = tmp_path_factory.mktemp("scale-out")
-    db = home / "mlflow.db"
-    shutil.copyfile(mlflow_template, db)
-    storage = StorageParams(home=str(home), tracking_uri=f"sqlite:///{db}")
+    storage = new_storage(mlflow_template, home)
 
     rng = np.random.default_rng(0)
     users = np.repeat(np.arange(N_USERS), PER_USER)
@@ -219,28 +212,10 @@ scoring_flow(ScoringParams.model_validate_json(sys.argv[1]))
 
 def test_scoring_killed_mid_way_commits_nothing_and_the_rerun_completes(threaded: pd.DataFrame, champion: Champion,
                                                                        tmp_path: Path) -> None:
-    import prefect.settings
-
     killed = params(champion, 6, users_per_shard=1)  # 130 one-user shards: the kill lands mid-way
     staging, final = staging_of(champion, 6), staging_of(champion, 6).parent.parent / "run_date=2026-03-06"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value()), "PYTHONPATH": str(root)}
-    log = tmp_path / "scoring-child.log"  # a file, not a pipe: a full pipe would block the child
-    with log.open("wb") as out:
-        child = subprocess.Popen([sys.executable, "-c", SCORING_CHILD, killed.model_dump_json()], cwd=root, env=env,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while len(list(staging.glob("part-*.parquet"))) < 3:
-            assert child.poll() is None, f"scoring ended before the kill: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no staged part within 180 s"
-            time.sleep(0.01)
-        os.killpg(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=30)
+    sigkill_child_when(SCORING_CHILD, killed.model_dump_json(), tmp_path / "scoring-child.log",
+                       lambda: len(list(staging.glob("part-*.parquet"))) >= 3, "staged part", poll_s=0.01)
 
     staged = {p.name: p.stat().st_mtime_ns for p in staging.glob("part-*.parquet")}
     assert 3 <= len(staged) < N_USERS  # killed mid-way: parts left to do
