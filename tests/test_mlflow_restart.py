@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from tasks.tracking import RetryPolicy, is_transient, start_run, with_retries
-from tests.test_deployments import PYTHON, STARTUP_TIMEOUT_S, Started, base_env, free_port, wait_for
+from tests.server_support import PYTHON, STARTUP_TIMEOUT_S, Started, base_env, free_port, wait_for
 
 # ------------------------------------------------------------------------------------------------------------------
 # Which failures are retried (real exceptions, no server needed)
