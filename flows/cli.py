@@ -113,10 +113,8 @@ def _run_stack(args: argparse.Namespace) -> int:
     from flows import stack
 
     if args.stack_command == "up":
-        options = {key: getattr(args, key) for key in ("host", "prefect_port", "mlflow_port", "backend_store_uri",
-                                                       "artifacts_destination", "prefect_home", "log_dir",
-                                                       "timezone", "gpu_devices", "startup_timeout_s", "auth",
-                                                       "credentials_file")}
+        # The flags of `up` are named after StackConfig's fields, as ENV_VARS is (None = not given).
+        options = {key: getattr(args, key, None) for key in stack.ENV_VARS if key != "home"}
         config = stack.StackConfig.from_env(home=_stack_home(args), **options)
         try:
             state = stack.up(config, echo=lambda message: print(message, flush=True))

@@ -369,26 +369,6 @@ class TrainingParams(_Params):
     eval_n: int = Field(10, ge=1, le=1000, description="N of the top-N metrics")
     storage: StorageParams = StorageParams()
 
-    @model_validator(mode="after")
-    def _data_paths_confined(self) -> "TrainingParams":
-        """Data files must lie under home, the current directory, or $CONVMF_DATA_ROOTS when that is set."""
-        roots = self.storage.allowed_roots()
-        for name in ("ratings_path", "items_path"):
-            value = getattr(self.data, name)
-            if value is not None:
-                confine_path(value, f"data.{name}", roots)
-        return self
-
-    def with_defaults(self, defaults: FlowDefaults) -> "TrainingParams":
-        """These parameters with the null ones (split kind, warm start) set to the running flow's defaults."""
-        update = {}
-        if self.split.kind is None:
-            update["split"] = self.split.model_copy(update={"kind": defaults.split_kind})
-        if self.warm_start.enabled is None:
-            update["warm_start"] = self.warm_start.model_copy(update={"enabled": defaults.warm_start})
-        if self.gate_metric is None:
-            update["gate_metric"] = defaults.gate_metric
-        return self.model_copy(update=update) if update else self
     # The sanity gate before training (tasks/guards.py): a collapsed or badly broken input stops the run.
     gate_max_ratings_drop: float = Field(0.5, ge=0.0, le=1.0, description="Stop before training when accepted "
                                          "ratings fell by more than this share against the last successful run")
@@ -405,6 +385,27 @@ class TrainingParams(_Params):
     gate_cold_tolerance: float = Field(_GATE.cold_tolerance, ge=0.0, le=1.0, description="Refuse a challenger "
                                        "worse than the champion by more than this share on the gate metric "
                                        "measured on the cold-item slice")
+
+    @model_validator(mode="after")
+    def _data_paths_confined(self) -> "TrainingParams":
+        """Data files must lie under home, the current directory, or $CONVMF_DATA_ROOTS when that is set."""
+        roots = self.storage.allowed_roots()
+        for name in ("ratings_path", "items_path"):
+            value = getattr(self.data, name)
+            if value is not None:
+                confine_path(value, f"data.{name}", roots)
+        return self
+
+    def with_defaults(self, defaults: FlowDefaults) -> "TrainingParams":
+        """These parameters with the null ones (split kind, warm start, gate metric) set to the flow's defaults."""
+        update = {}
+        if self.split.kind is None:
+            update["split"] = self.split.model_copy(update={"kind": defaults.split_kind})
+        if self.warm_start.enabled is None:
+            update["warm_start"] = self.warm_start.model_copy(update={"enabled": defaults.warm_start})
+        if self.gate_metric is None:
+            update["gate_metric"] = defaults.gate_metric
+        return self.model_copy(update=update) if update else self
 
     def gate_policy(self) -> GatePolicy:
         """The gate as the library's :class:`GatePolicy` (an unset metric is retrain's default, RMSE)."""
@@ -428,6 +429,7 @@ class ScoringParams(ShardRunnerParams):
     def resolved_run_date(self) -> dt.date:
         """The output partition's date."""
         return self.run_date or dt.datetime.now(dt.timezone.utc).date()
+
 
 class NightlyParams(_Params):
     """The nightly flow: training, then scoring with whatever the registry's champion is afterwards."""

@@ -13,14 +13,15 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.params import ScoringParams
+from flows.params import ScoringParams, ShardRunnerParams
 from tasks.register import ChampionModel, lookup_model
 from tasks.score import (commit_scores, count_users, index_seen, open_staging, partition_name, score_shard,
                          user_shards)
 
 
-def shard_task_runner(params: ScoringParams) -> TaskRunner:
-    """The task runner ``params`` ask for (a fresh, unstarted one: the subflow starts and stops it)."""
+def shard_task_runner(params: ShardRunnerParams) -> TaskRunner:
+    """The task runner ``params`` ask for, scoring's or tokenization's (a fresh, unstarted one: the subflow starts
+    and stops it)."""
     if params.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=params.threads)
     from prefect_dask import DaskTaskRunner  # imported only when asked for: dask is heavy to import

@@ -87,6 +87,8 @@ PASSWORD_ENV = "CONVMF_STACK_PASSWORD"
 MIN_PASSWORD_LENGTH = 12  # MLflow's basic-auth password policy
 MLFLOW_AUTH_DB = "mlflow-auth.db"
 MLFLOW_AUTH_INI = "mlflow-auth.ini"
+# StackConfig's Path fields: strings in the environment and in the state file.
+_PATH_FIELDS = ("home", "prefect_home", "log_dir", "project_root", "credentials_file")
 
 
 class StackError(RuntimeError):
@@ -128,8 +130,7 @@ class StackConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         values.setdefault("home", Path.cwd() / "convmf-data")
         kinds = {"prefect_port": int, "mlflow_port": int, "startup_timeout_s": float, "stop_timeout_s": float,
-                 "home": Path, "prefect_home": Path, "log_dir": Path, "project_root": Path,
-                 "credentials_file": Path, "auth": _flag}
+                 "auth": _flag, **dict.fromkeys(_PATH_FIELDS, Path)}
         for name, kind in kinds.items():
             if name in values and values[name] is not None:
                 values[name] = kind(values[name])
@@ -640,7 +641,7 @@ def pool_concurrency_command(pool: str, limit: int, python: str = sys.executable
 
 def _config_of(state: Mapping[str, Any]) -> StackConfig:
     c = dict(state["config"])
-    for key in ("home", "prefect_home", "log_dir", "project_root", "credentials_file"):
+    for key in _PATH_FIELDS:
         if c.get(key) is not None:
             c[key] = Path(c[key])
     return StackConfig(**c)

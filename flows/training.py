@@ -10,7 +10,6 @@ flow passes its own defaults (a time-based split and a warm start from the champ
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,9 @@ from convmf_core.config import TextConfig
 from flows.params import RETRAIN_DEFAULTS, SplitParams, TokenizeParams, TrainingParams
 from flows.scoring import shard_task_runner
 from tasks.guards import check_data_gate, config_hash, find_identical_version, tag_config_hash
-from tasks.ingest import builtin_catalogue, ingest_files
+from tasks.ingest import IngestedData, builtin_catalogue, ingest_files
 from tasks.register import promote_model, register_model
 from tasks.registry import ModelVersionInfo, PromotionDecision
-from tasks.ingest import IngestedData
 from tasks.tokenize import (TokenizedData, VocabularySource, count_terms_shard, encode_shard, item_shards,
                             log_tokenized, merge_vocabulary, read_descriptions, tokenize_cache, write_tokens)
 from tasks.tracking import RunRef, end_run, start_run
@@ -101,11 +99,12 @@ def tokenize_catalogue(ingested: IngestedData, text: TextConfig, source: Vocabul
     vocabulary source were tokenized before, else by :func:`tokenize_shards` on ``runner``'s task runner (a
     catalogue of one shard is tokenized in this flow: no subflow, no cluster)."""
     cache = tokenize_cache(ingested, text, source, home)
-    if not cache.cache_hit and ingested.counts["items"]["rows_accepted"] <= runner.items_per_shard:
-        cache = tokenize_mapped(ingested, text, source, runner.items_per_shard, cache)
-    elif not cache.cache_hit:
-        shards = tokenize_shards.with_options(task_runner=shard_task_runner(runner))
-        cache = shards(ingested, text, source, runner.items_per_shard, cache)
+    if not cache.cache_hit:
+        if ingested.counts["items"]["rows_accepted"] <= runner.items_per_shard:
+            cache = tokenize_mapped(ingested, text, source, runner.items_per_shard, cache)
+        else:
+            shards = tokenize_shards.with_options(task_runner=shard_task_runner(runner))
+            cache = shards(ingested, text, source, runner.items_per_shard, cache)
     return log_tokenized(cache, text, source, run)
 
 
@@ -137,18 +136,19 @@ def training_flow(params: TrainingParams = TrainingParams()) -> TrainingResult:
         check_data_gate(ingested.counts, params.model_name, params.gate_max_ratings_drop,
                         params.gate_max_quarantine_share, params.override_gate, run)
         split = resolve_split(ingested.ratings_path, split_spec(params.split), ingested.counts["ratings"]["file"])
+        text, model = params.text.config(), params.model.config()
         warm = plan_warm_start(ingested, params.warm_start.enabled, params.warm_start.alias,
-                               params.warm_start.policy(), params.text.config(), params.model.config(),
+                               params.warm_start.policy(), text, model,
                                split.cutoff if split.kind == "time" else None, params.model_name,
                                home / "models" / run.run_id / "warm-start", run)
-        tokenized = tokenize_catalogue(ingested, params.text.config(), vocabulary_source(split, warm),
-                                       params.tokenize, home, run)
-        trained = train_convmf(ingested, tokenized, params.model.config(), split, home, run, warm)
+        tokenized = tokenize_catalogue(ingested, text, vocabulary_source(split, warm), params.tokenize, home, run)
+        trained = train_convmf(ingested, tokenized, model, split, home, run, warm)
         metrics = evaluate_model(trained, params.eval_n, run, tokenized)
         version = register_model(trained, metrics, params.model_name, ingested.content_hash, run)
         tag_config_hash(version, digest, run)  # what a rerun of this data and configuration looks for
-        decision = promote_model(version, trained, run, params.gate_policy())
-        look_at_lists(trained, ingested, run, params.model_name, params.gate_policy().metric)
+        gate = params.gate_policy()
+        decision = promote_model(version, trained, run, gate)
+        look_at_lists(trained, ingested, run, params.model_name, gate.metric)
     except BaseException:
         end_run(run, "FAILED")  # else the MLflow run would stay RUNNING forever
         raise
