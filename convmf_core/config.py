@@ -33,6 +33,10 @@ class CNNConfig:
     epochs_per_iteration: int = 2  # authors' code: 5; 2 was as good on ML-100K validation at 40% of the time
     batch_size: int = 128  # items per minibatch, as the paper
     learning_rate: float = 1e-3
+    # Beyond the paper: the t-th eq. 9 update (t = 0, 1, ...) steps at learning_rate * learning_rate_decay^t, so the
+    # alternation converges instead of jittering (1.0 = the paper's constant step). Chosen with benchmarks/replay.py
+    # and benchmarks/ml100k.py (README "Model options").
+    learning_rate_decay: float = 0.7
     optimizer: Literal["rmsprop", "adam"] = "rmsprop"  # the paper uses RMSprop
 
 
@@ -71,9 +75,18 @@ class ConvMFConfig:
     # epochs) then start near a good solution instead of from noise. 0 = the paper's schedule.
     warmup_iterations: int = 0
     warmup_cnn_epochs: int = 5
+    # Beyond the paper: early stopping keeps the best iteration from this one on. The first iterations, while the
+    # CNN still takes large steps (V moves 20-70% per iteration), are arbitrary points of the trajectory; on a small
+    # validation window one of them can win by chance (ML-100K time split: the window's best was iteration 3,
+    # 0.02 RMSE worse on the next window than the settled fit). With cnn.learning_rate_decay=0.7 V moves ~5% per
+    # iteration by the 10th. A warm start begins settled and may keep any of its iterations.
+    min_iterations: int = 10
     # CNN epochs per outer iteration of a warm start (None: cnn.epochs_per_iteration). The CNN starts from the
     # previous model's weights, so it only has to follow the small move of V.
     warm_start_cnn_epochs: int | None = None
+    # The step a warm start's first CNN update takes in the learning-rate decay (cnn.learning_rate_decay): the
+    # previous weights have converged, so they continue at the small steps a fit ends with instead of restarting.
+    warm_start_decay_steps: int = 10
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when torch.cuda.is_available(), else CPU
 

@@ -203,6 +203,8 @@ class ModelParams(_Params):
     item_weighting: bool = _LIBRARY.als.item_weighting
     max_iterations: int = Field(_LIBRARY.als.max_iterations, ge=1, le=500)
     patience: int = Field(_LIBRARY.als.patience, ge=1, le=50)
+    min_iterations: int = Field(_LIBRARY.min_iterations, ge=1, le=500,
+                                description="Early stopping keeps the best iteration from this one on")
     warm_start_max_iterations: int = Field(_LIBRARY.als.warm_start_max_iterations, ge=1, le=500,
                                            description="Outer iterations of a warm-started fit at most")
     warm_start_patience: int = Field(_LIBRARY.als.warm_start_patience, ge=1, le=50,
@@ -215,6 +217,8 @@ class ModelParams(_Params):
     dropout: float = Field(_LIBRARY.cnn.dropout, ge=0.0, lt=1.0)
     batch_size: int = Field(_LIBRARY.cnn.batch_size, ge=1, le=8192)
     learning_rate: float = Field(_LIBRARY.cnn.learning_rate, gt=0, le=1.0)
+    learning_rate_decay: float = Field(_LIBRARY.cnn.learning_rate_decay, gt=0, le=1.0,
+                                       description="The CNN's step size is multiplied by this every outer iteration")
     seed: int = Field(_LIBRARY.seed, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -230,8 +234,9 @@ class ModelParams(_Params):
             cnn=replace(_LIBRARY.cnn, embedding_dim=self.embedding_dim, n_filters=self.n_filters,
                         hidden_dim=self.hidden_dim, dropout=self.dropout,
                         epochs_per_iteration=self.cnn_epochs_per_iteration, batch_size=self.batch_size,
-                        learning_rate=self.learning_rate),
-            warmup_iterations=self.warmup_iterations, seed=self.seed, device=self.device)
+                        learning_rate=self.learning_rate, learning_rate_decay=self.learning_rate_decay),
+            min_iterations=self.min_iterations, warmup_iterations=self.warmup_iterations, seed=self.seed,
+            device=self.device)
 
 
 SplitKind = Literal["random", "time"]

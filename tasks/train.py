@@ -299,7 +299,8 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     fit_seconds = time.perf_counter() - t0
     for r in model.history_[:resumed_from or 0]:  # iterations the interrupted run did: this run's curve is whole
         log_iteration(r)
-    best = min((h.validation_rmse for h in model.history_ if h.validation_rmse is not None), default=float("nan"))
+    kept = model.history_[model.best_iteration_ - 1].validation_rmse  # the iteration the model keeps
+    best = float("nan") if kept is None else kept
     bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
                         metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
                                   "mlflow_run_id": run.run_id, "best_validation_rmse": best, "split_kind": split.kind,

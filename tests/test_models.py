@@ -151,8 +151,8 @@ def test_early_stopping_keeps_the_best_iteration(tiny_cnn, catalogue, split, kin
     if kind == "pmf":
         model = PMF(PMFConfig(als=als, device="cpu")).fit(split.train, split.validation)
     else:
-        model = _fit_convmf(ConvMFConfig(als=als, cnn=tiny_cnn, device="cpu"), catalogue, split.train,
-                            split.validation)
+        model = _fit_convmf(ConvMFConfig(als=als, cnn=tiny_cnn, device="cpu", min_iterations=1), catalogue,
+                            split.train, split.validation)
     history = [h.validation_rmse for h in model.history_]
     assert 1 <= model.best_iteration_ <= len(history)
     # it stopped early, `patience` iterations after the best one, so the best is not the last iteration
@@ -163,6 +163,33 @@ def test_early_stopping_keeps_the_best_iteration(tiny_cnn, catalogue, split, kin
     final = float(np.sqrt(np.mean((pred - split.validation.values) ** 2)))
     assert abs(final - min(history)) < 1e-5
     assert abs(final - history[-1]) > 1e-5  # the last iteration's parameters were not kept
+
+
+def test_early_stopping_keeps_no_iteration_before_min_iterations(tiny_cnn, catalogue, split) -> None:
+    als = ALSConfig(n_factors=8, lambda_u=1.0, lambda_v=1.0, max_iterations=9, patience=2)
+    config = ConvMFConfig(als=als, cnn=tiny_cnn, device="cpu", min_iterations=6)
+    model = _fit_convmf(config, catalogue, split.train, split.validation)
+    history = [h.validation_rmse for h in model.history_]
+    assert model.best_iteration_ >= 6
+    assert history[model.best_iteration_ - 1] == min(history[5:])
+    # on this data the loss keeps falling: an earlier iteration had a lower validation RMSE and was still not kept
+    assert min(history[:5]) < min(history[5:])
+    # iterations before min_iterations never count towards patience
+    assert len(history) >= 6
+
+
+def test_cnn_learning_rate_decays_per_outer_iteration(tiny_cnn, catalogue, split) -> None:
+    cnn = replace(tiny_cnn, learning_rate_decay=0.5)
+    als = ALSConfig(n_factors=8, max_iterations=4, patience=4)
+    model = _fit_convmf(ConvMFConfig(als=als, cnn=cnn, device="cpu"), catalogue, split.train, split.validation)
+    rates = [h.extra["cnn_learning_rate"] for h in model.history_]
+    assert rates == pytest.approx([cnn.learning_rate * 0.5 ** t for t in range(4)])
+    assert model._optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+    # with warm-up iterations the schedule starts at the CNN's first fit (the warm-up's last iteration)
+    warm_up = _fit_convmf(ConvMFConfig(als=als, cnn=cnn, device="cpu", warmup_iterations=2), catalogue, split.train,
+                          split.validation)
+    assert [h.extra.get("cnn_learning_rate") for h in warm_up.history_] == pytest.approx(
+        [None, cnn.learning_rate, cnn.learning_rate * 0.5, cnn.learning_rate * 0.25])
 
 
 def test_predictions_are_clipped_to_the_rating_range(fitted, split) -> None:

@@ -153,6 +153,17 @@ def test_new_users_are_solved_by_eq7_and_new_items_start_from_the_previous_cnn(n
     assert np.isfinite(warm.score(np.arange(len(nightly.users)))).all()
 
 
+def test_warm_started_cnn_continues_the_decayed_learning_rate(nightly: Nightly, config: ConvMFConfig,
+                                                              previous: ConvMF) -> None:
+    cfg = replace(config, warm_start_decay_steps=6, als=replace(config.als, warm_start_max_iterations=3,
+                                                                warm_start_patience=3))
+    warm = _warm_fit(nightly, cfg, previous)
+    decay, lr = cfg.cnn.learning_rate_decay, cfg.cnn.learning_rate
+    assert [h.extra["cnn_learning_rate"] for h in warm.history_] == pytest.approx([lr * decay ** t for t in (6, 7, 8)])
+    # any warm iteration may be kept: min_iterations is for fits from scratch
+    assert cfg.min_iterations > 3 and 1 <= warm.best_iteration_ <= 3
+
+
 def test_warm_start_maps_known_ids_and_marks_new_ones() -> None:
     prev = PMF(PMFConfig(als=ALSConfig(n_factors=2, max_iterations=2), device="cpu"))
     prev.fit(Ratings(np.array([0, 1, 2, 2]), np.array([0, 1, 0, 1]), np.array([3.0, 4.0, 5.0, 1.0]), 3, 2))

@@ -63,9 +63,10 @@ class ALSFactorModel(Recommender):
         return None
 
     def _update_prior(self, V: torch.Tensor, item_weight: torch.Tensor, rated: torch.Tensor,
-                      generator: torch.Generator, epochs: int | None) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """New theta after the V step (ConvMF: eq. 9; ``epochs`` overrides the per-iteration count) and extra
-        figures for the iteration report."""
+                      generator: torch.Generator, epochs: int | None,
+                      step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """New theta after the V step (ConvMF: eq. 9; ``epochs`` overrides the per-iteration count; ``step`` counts
+        the prior updates before this one, for step-size schedules) and extra figures for the iteration report."""
         return None, {}
 
     def _warmup_iterations(self) -> int:
@@ -79,6 +80,14 @@ class ALSFactorModel(Recommender):
     def _warm_start_epochs(self) -> int | None:
         """Prior-fitting epochs per iteration of a warm-started fit (None: the per-iteration count)."""
         return None
+
+    def _min_iterations(self) -> int:
+        """A fit from scratch keeps its best iteration from this one on (earlier ones are not candidates)."""
+        return 1
+
+    def _warm_start_step(self) -> int:
+        """The ``step`` a warm-started fit's first prior update gets (a schedule continues, it does not restart)."""
+        return 0
 
     def _extra_state(self) -> dict[str, Any]:
         """Subclass state to keep with the best iteration and in checkpoints (tensors / plain values only)."""
@@ -114,6 +123,10 @@ class ALSFactorModel(Recommender):
             factors, stopper, start_iteration = self._restore(checkpoint_path, device, generator, patience)
         warmup = 0 if warm_start is not None else self._warmup_iterations()
         prior_epochs = None if warm_start is None else self._warm_start_epochs()
+        # the step of the prior update made in iteration t: 0 at the first (the warm-up's last iteration, if any)
+        first_step = -max(warmup, 1) if warm_start is None else self._warm_start_step() - 1
+        # the first iteration early stopping may keep (a warm start begins next to an optimum: any of its iterations)
+        first_candidate = 1 if warm_start is not None else min(self._min_iterations(), max_iterations)
         for iteration in range(start_iteration, max_iterations + 1):
             if stopper.done:
                 break
@@ -127,7 +140,8 @@ class ALSFactorModel(Recommender):
             extra: dict[str, float] = {}
             if not in_warmup or iteration == warmup:  # eq. 9 (ConvMF): fit the CNN to V, theta = cnn(W, X)
                 theta, extra = self._update_prior(factors.V, problem.item_weight, problem.rated, generator,
-                                                  self._warmup_epochs() if iteration == warmup else prior_epochs)
+                                                  self._warmup_epochs() if iteration == warmup else prior_epochs,
+                                                  step=first_step + iteration)
                 if theta is not None:
                     factors.set_prior(theta, problem.rated, self._prior_mask())
             self._set_fitted(factors.U, factors.V, factors.bu, factors.bi)
@@ -141,7 +155,7 @@ class ALSFactorModel(Recommender):
             self.history_.append(report)
             logger.info("iteration %d: train loss %.4f, validation %s, %.2f s", iteration, loss,
                         "n/a" if val_rmse is None else f"{val_rmse:.4f}", report.seconds)
-            stopper.update(metric, iteration, counts=not in_warmup,
+            stopper.update(metric, iteration, counts=not in_warmup, candidate=iteration >= first_candidate,
                            snapshot=lambda: {**factors.clone().to_dict(), "extra": copy.deepcopy(self._extra_state())})
             if callback is not None:
                 callback(report)
@@ -345,8 +359,12 @@ class _EarlyStopping:
         """True once patience has run out."""
         return self.stale >= self.patience
 
-    def update(self, metric: float, iteration: int, *, counts: bool, snapshot: Callable[[], dict[str, Any]]) -> None:
-        """Record one iteration's metric (lower is better); ``snapshot`` is called only for a new best."""
+    def update(self, metric: float, iteration: int, *, counts: bool, snapshot: Callable[[], dict[str, Any]],
+               candidate: bool = True) -> None:
+        """Record one iteration's metric (lower is better); ``snapshot`` is called only for a new best. An
+        iteration that is not a ``candidate`` is neither kept nor counted."""
+        if not candidate:
+            return
         if metric < self.best_metric - self.min_improvement:
             self.best_metric, self.best_iteration, self.stale = metric, iteration, 0
             self.best = snapshot()
