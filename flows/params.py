@@ -304,10 +304,14 @@ class WarmStartParams(_Params):
                                              "the kept vocabulary")
     max_new_item_share: float = Field(RefitPolicy().max_new_item_share, ge=0.0, le=1.0,
                                       description="Refit when more than this share of the items is new")
+    max_warm_starts: int = Field(RefitPolicy().max_warm_starts, ge=0, le=10_000,
+                                 description="Refit when the champion already ends this many warm starts in a row "
+                                             "(0: every fit is a full fit)")
 
     def policy(self) -> RefitPolicy:
         """As the library's :class:`RefitPolicy`."""
-        return RefitPolicy(max_oov_share=self.max_oov_share, max_new_item_share=self.max_new_item_share)
+        return RefitPolicy(max_oov_share=self.max_oov_share, max_new_item_share=self.max_new_item_share,
+                           max_warm_starts=self.max_warm_starts)
 
 
 class ShardRunnerParams(_Params):

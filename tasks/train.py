@@ -273,10 +273,11 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
 
     # The checkpoint is keyed on what determines the model, not on this run: a run killed mid-training (SIGKILL,
     # a lost machine) and started again - a new flow run, a new MLflow run - resumes where it stopped.
-    warm_start, warm_from = None, None
+    warm_start, warm_from, warm_starts = None, None, 0  # warm_starts: this model's place in a chain of warm starts
     if warm is not None and warm.mode == "warm":
         previous = load_model(warm.bundle_dir)
         warm_start = warm_start_from(previous.model, previous.user_map, previous.item_map, user_map, item_map)
+        warm_starts = int(previous.metadata.get("warm_starts", 0)) + 1
         warm.discard_download()  # everything needed is in memory now
         warm_from = warm.source_key
         counts = warm_start.summary()
@@ -309,7 +310,7 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
                                   "train_max_timestamp": None if timestamps is None else
                                   int(timestamps[timestamps < split.cutoff].max(initial=-1)),
                                   "fit_mode": "warm" if warm_start is not None else "full",
-                                  "warm_start_from": warm_from})
+                                  "warm_start_from": warm_from, "warm_starts": warm_starts})
     checkpoint.unlink(missing_ok=True)  # the bundle is saved: the next run of this key trains afresh
     checkpoint.with_suffix(".owner.json").unlink(missing_ok=True)
     run.log_metrics({"best_validation_rmse": best, "best_iteration": model.best_iteration_,

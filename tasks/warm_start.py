@@ -8,7 +8,8 @@ from its weights and the users and items it knows from their factors. It is refu
 * under a time-based split, the champion was trained on ratings at or after this run's cutoff (or does not record
   when its training data ends): starting from it would leak this run's validation window into training;
 * :func:`convmf_core.models.warm_start.refit_reason` finds the text settings changed, or too many new items, or
-  too many out-of-vocabulary words in the new items' descriptions (thresholds: ``RefitPolicy``).
+  too many out-of-vocabulary words in the new items' descriptions, or the champion already ends a chain of
+  ``max_warm_starts`` warm starts (the bundle's ``warm_starts`` metadata; thresholds: ``RefitPolicy``).
 
 The decision goes to the Prefect log, the MLflow tags ``fit_mode`` (``warm`` / ``full``) and ``fit_mode_reason``,
 and metrics ``warm_start_oov_share`` / ``warm_start_new_item_share`` when they were computed.
@@ -140,7 +141,8 @@ def plan_warm_start(ingested: IngestedData, enabled: bool, alias: str, policy: R
             new_texts, n_items = new_items(ingested, bundle.item_map.to_list(), cutoff)
             figures = {"warm_start_oov_share": oov_share(bundle.vocabulary, new_texts, text),
                        "warm_start_new_item_share": len(new_texts) / n_items if n_items else 0.0}
-            why = refit_reason(bundle.vocabulary, new_texts, len(new_texts), n_items, policy, text)
+            why = refit_reason(bundle.vocabulary, new_texts, len(new_texts), n_items, policy, text,
+                               warm_starts=int(bundle.metadata.get("warm_starts", 0)))
             detail = (f"{len(new_texts)} new of {n_items} items, "
                       f"{figures['warm_start_oov_share']:.1%} of their words out of vocabulary")
         run.log_metrics(figures)
@@ -155,7 +157,8 @@ def plan_warm_start(ingested: IngestedData, enabled: bool, alias: str, policy: R
     logger.info("%s", plan.reason)
     run.log_params({"warm_start.enabled": enabled, "warm_start.alias": alias,
                     "warm_start.max_oov_share": policy.max_oov_share,
-                    "warm_start.max_new_item_share": policy.max_new_item_share})
+                    "warm_start.max_new_item_share": policy.max_new_item_share,
+                    "warm_start.max_warm_starts": policy.max_warm_starts})
     run.set_tags({"fit_mode": plan.mode, "fit_mode_reason": plan.reason[:5000],
                   **({"warm_start_version": plan.version} if plan.mode == "warm" else {})})
     return plan

@@ -295,6 +295,9 @@ def test_nightly_warm_starts_from_the_champion_and_needs_fewer_iterations(day2: 
     champion_words = set(load_model(_bundle_of_version(store, "1")).vocabulary.words)
     assert vocabulary_of(warm) == champion_words and PLANTED not in champion_words
     assert PLANTED in vocabulary_of(full)
+    # each bundle records its place in a chain of warm starts (RefitPolicy.max_warm_starts reads it)
+    assert load_model(warm.trained.bundle_dir).metadata["warm_starts"] == 1
+    assert load_model(full.trained.bundle_dir).metadata["warm_starts"] == 0
 
 
 def _bundle_of_version(store: Store, version: str) -> Path:

@@ -274,6 +274,16 @@ def test_refit_reason_fires_when_the_text_settings_changed(vocab: Vocabulary) ->
     assert reason is not None and "text settings changed" in reason
 
 
+def test_refit_reason_fires_after_max_warm_starts_in_a_row(vocab: Vocabulary) -> None:
+    policy, text = RefitPolicy(max_warm_starts=3), TextConfig(max_df=1.0)
+    assert refit_reason(vocab, ["the robot knight"], 1, 100, policy, text, warm_starts=2) is None
+    reason = refit_reason(vocab, ["the robot knight"], 1, 100, policy, text, warm_starts=3)
+    assert reason is not None and "a chain of 3 warm start(s)" in reason and "max_warm_starts 3" in reason
+    assert "max_warm_starts 0" in refit_reason(vocab, [], 0, 100, RefitPolicy(max_warm_starts=0), text)
+    with pytest.raises(ValueError, match="max_warm_starts"):
+        RefitPolicy(max_warm_starts=-1)
+
+
 def test_refit_policy_rejects_shares_outside_0_1() -> None:
     with pytest.raises(ValueError, match="max_oov_share"):
         RefitPolicy(max_oov_share=1.5)

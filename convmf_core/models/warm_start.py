@@ -144,12 +144,17 @@ def oov_share(vocabulary: Vocabulary, texts: Sequence[str | None], text_config: 
 
 
 def refit_reason(vocabulary: Vocabulary, new_item_texts: Sequence[str | None], n_new_items: int, n_items: int,
-                 policy: RefitPolicy = RefitPolicy(), text_config: TextConfig = TextConfig()) -> str | None:
+                 policy: RefitPolicy = RefitPolicy(), text_config: TextConfig = TextConfig(),
+                 warm_starts: int = 0) -> str | None:
     """None when a warm start with the kept ``vocabulary`` is fine; otherwise why a full refit is needed, with the
     figures. Checked: the text settings changed since the vocabulary was built; the share of new items
     (``n_new_items / n_items``) is above ``policy.max_new_item_share``; the out-of-vocabulary share of the new items'
-    words (:func:`oov_share`) is above ``policy.max_oov_share``."""
+    words (:func:`oov_share`) is above ``policy.max_oov_share``; the previous model already ends a chain of
+    ``warm_starts`` warm starts since its last full fit, and one more would pass ``policy.max_warm_starts``."""
     reasons = []
+    if warm_starts >= policy.max_warm_starts:
+        reasons.append(f"the previous model ends a chain of {warm_starts} warm start(s) since its last full fit "
+                       f"(max_warm_starts {policy.max_warm_starts})")
     if vocabulary.config is not None and vocabulary.config != text_config:
         reasons.append(f"the text settings changed since the vocabulary was built ({vocabulary.config} -> "
                        f"{text_config})")
