@@ -6,8 +6,10 @@ ConvMF's objective (Kim et al. 2016, eq. 5), with the options of :class:`~convmf
         + lambda_V/2 sum_j w_j ||v_j - theta_j||^2 + lambda_b/2 (sum_i b_i^2 + sum_j c_j^2)
 
 PMF is the same with theta_j = 0. One outer iteration: solve U (eq. 7), solve V (eq. 8), then let the subclass
-update theta (ConvMF trains the CNN, eq. 9). Training stops when validation RMSE has not improved for ``patience``
-iterations and keeps the best iteration's parameters (the authors' code could keep a worse one).
+update theta (ConvMF trains the CNN, eq. 9, with a step that decays per outer iteration). Training stops when
+validation RMSE has not improved for ``patience`` iterations and keeps the best iteration's parameters (the authors'
+code could keep a worse one); a subclass may rule out the first iterations of a fit from scratch (ConvMF:
+``min_iterations``).
 """
 
 from __future__ import annotations
