@@ -314,7 +314,7 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     checkpoint.unlink(missing_ok=True)  # the bundle is saved: the next run of this key trains afresh
     checkpoint.with_suffix(".owner.json").unlink(missing_ok=True)
     run.log_metrics({"best_validation_rmse": best, "best_iteration": model.best_iteration_,
-                     "fit_seconds": fit_seconds, "iterations": len(model.history_)})
+                     "fit_seconds": fit_seconds, "iterations": len(model.history_), "warm_starts": warm_starts})
     run.log_artifact(learning_curve_png(model.history_, out / "learning_curve.png"), "plots")
     logger.info("fitted in %.1f s: best validation RMSE %.4f at iteration %d", fit_seconds, best,
                 model.best_iteration_)

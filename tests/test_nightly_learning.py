@@ -298,6 +298,7 @@ def test_nightly_warm_starts_from_the_champion_and_needs_fewer_iterations(day2: 
     # each bundle records its place in a chain of warm starts (RefitPolicy.max_warm_starts reads it)
     assert load_model(warm.trained.bundle_dir).metadata["warm_starts"] == 1
     assert load_model(full.trained.bundle_dir).metadata["warm_starts"] == 0
+    assert warm_run.data.metrics["warm_starts"] == 1 and full_run.data.metrics["warm_starts"] == 0
 
 
 def _bundle_of_version(store: Store, version: str) -> Path:
