@@ -125,7 +125,7 @@ class ConvMF(ALSFactorModel):
         # The step size of the step-th eq. 9 update decays: lr_t = lr * decay^t. V is the CNN's moving target; with
         # a constant step the CNN keeps chasing it and V still moves ~10% per outer iteration after 30 (ML-100K),
         # so validation RMSE jitters by ~0.02 and early stopping picks a lucky draw. With the decay the alternation
-        # settles (V moves <0.1% per iteration after ~20) and refits from other seeds land close together.
+        # settles (V moves <0.1% per iteration after ~25) and refits from other seeds land close together.
         learning_rate = cfg.learning_rate * cfg.learning_rate_decay ** max(step, 0)
         for group in self._optimizer.param_groups:
             group["lr"] = learning_rate
