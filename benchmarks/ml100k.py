@@ -54,7 +54,8 @@ def ablations() -> dict[str, ConvMFConfig]:
         "Adam, 1 CNN epoch per iteration": replace(base, cnn=replace(base.cnn, optimizer="adam", epochs_per_iteration=1)),
         "constant CNN step, keep any iteration (the paper: no decay, min_iterations 1)":
             replace(base, cnn=replace(base.cnn, learning_rate_decay=1.0), min_iterations=1),
-        "no decay of the CNN step (min_iterations 10 kept)": replace(base, cnn=replace(base.cnn, learning_rate_decay=1.0)),
+        "no decay of the CNN step (min_iterations 10 kept)":
+            replace(base, cnn=replace(base.cnn, learning_rate_decay=1.0)),
         "decay kept, keep any iteration (min_iterations 1)": replace(base, min_iterations=1),
     }
 
@@ -73,7 +74,7 @@ def _fit_and_score(make: Callable[[], Any], data: BenchmarkData, text: bool, que
     if data.cold_items is not None:  # report the cold-item slice: that is what this setting measures
         metrics = {k: metrics[f"cold_{k}"] for k in ("rmse", "mae", "recall@50")}
     hist = model.history_
-    kept = hist[model.best_iteration_ - 1].validation_rmse  # the iteration the model keeps
+    kept = model.best_validation_rmse_
     cnn = [h.extra["cnn_seconds_per_epoch"] for h in hist if "cnn_seconds_per_epoch" in h.extra]
     als = [h.extra["als_seconds"] for h in hist if "als_seconds" in h.extra]
     queue.put({"rmse": metrics["rmse"], "mae": metrics["mae"], "recall@50": metrics["recall@50"], "fit_s": fit,

@@ -300,8 +300,7 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     fit_seconds = time.perf_counter() - t0
     for r in model.history_[:resumed_from or 0]:  # iterations the interrupted run did: this run's curve is whole
         log_iteration(r)
-    kept = model.history_[model.best_iteration_ - 1].validation_rmse  # the iteration the model keeps
-    best = float("nan") if kept is None else kept
+    best = float("nan") if model.best_validation_rmse_ is None else model.best_validation_rmse_
     bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
                         metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
                                   "mlflow_run_id": run.run_id, "best_validation_rmse": best, "split_kind": split.kind,

@@ -171,10 +171,11 @@ def test_early_stopping_keeps_no_iteration_before_min_iterations(tiny_cnn, catal
     model = _fit_convmf(config, catalogue, split.train, split.validation)
     history = [h.validation_rmse for h in model.history_]
     assert model.best_iteration_ >= 6
-    assert history[model.best_iteration_ - 1] == min(history[5:])
-    # on this data the loss keeps falling: an earlier iteration had a lower validation RMSE and was still not kept
+    assert history[model.best_iteration_ - 1] == min(history[5:]) == model.best_validation_rmse_
+    # on this data validation RMSE is lowest before the 6th iteration, and that iteration was still not kept
     assert min(history[:5]) < min(history[5:])
-    # iterations before min_iterations never count towards patience
+    # nor did the iterations after it count towards patience (with patience 2 they would have stopped the fit
+    # before the 6th)
     assert len(history) >= 6
 
 

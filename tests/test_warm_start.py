@@ -79,7 +79,7 @@ def previous(nightly: Nightly, config: ConvMFConfig) -> ConvMF:
 
 
 def _best_rmse(model) -> float:
-    return model.history_[model.best_iteration_ - 1].validation_rmse
+    return model.best_validation_rmse_
 
 
 def _warm_fit(nightly: Nightly, config: ConvMFConfig, previous: ConvMF, **kw) -> ConvMF:

@@ -73,6 +73,13 @@ class Recommender(ABC):
         """The fitted model as factors (raises :class:`NotFittedError` before ``fit``)."""
 
     @property
+    def best_validation_rmse_(self) -> float | None:
+        """Validation RMSE of the iteration the fitted model keeps (``history_[best_iteration_ - 1]``); None without
+        a validation set or a recorded best iteration."""
+        history, best = getattr(self, "history_", []), int(getattr(self, "best_iteration_", 0))
+        return history[best - 1].validation_rmse if 1 <= best <= len(history) else None
+
+    @property
     def n_items(self) -> int:
         """Number of items the model scores."""
         return int(self.scoring_factors().item.shape[0])
