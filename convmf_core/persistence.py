@@ -29,12 +29,12 @@ import torch
 
 from convmf_core import __version__
 from convmf_core.atomic import replace_directory, staging_directory
-from convmf_core.cnn import build_cnn
 from convmf_core.config import ConvMFConfig, PMFConfig, SGDMFConfig, config_from_dict, config_to_dict
 from convmf_core.data import IdMap
 from convmf_core.models.als_mf import PMF
 from convmf_core.models.base import IterationReport, Recommender
-from convmf_core.models.convmf import ConvMF
+from convmf_core.gibbs import PosteriorSamples
+from convmf_core.models.convmf import ConvMF, encoder_from_state
 from convmf_core.models.sgd_mf import SGDMF
 from convmf_core.text import Vocabulary
 
@@ -77,10 +77,17 @@ def _model_state(model: Recommender) -> tuple[dict[str, torch.Tensor], dict[str,
     state = {"global_mean": float(model.global_mean_), "rating_range": list(model.rating_range_),
              "best_iteration": int(getattr(model, "best_iteration_", 0)),
              "history": [h.__dict__ for h in getattr(model, "history_", [])]}
+    samples = getattr(model, "samples_", None)
+    if samples is not None:  # posterior averaging: the kept draws (convmf_core.gibbs)
+        tensors.update(samples.to_dict())
+    for name in ("validation_rmse_", "fallback_", "prior_report_", "sampling_seconds_per_sweep_"):
+        if getattr(model, name, None) is not None:
+            state[name.rstrip("_")] = getattr(model, name)
     if isinstance(model, ConvMF):
         tensors["item_has_text"] = model.item_has_text_
-        tensors.update({f"cnn.{k}": v.detach().cpu() for k, v in model.cnn_.state_dict().items()})
+        tensors.update({f"encoder.{k}": v.detach().cpu() for k, v in model.encoder_.state_dict().items()})
         state["vocabulary_size"] = int(model.vocabulary_size_)
+        state["vector_coverage"] = model.vector_coverage_
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, state
 
 
@@ -170,12 +177,23 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> ModelBundle:
     model.rating_range_ = tuple(state["rating_range"])
     model.best_iteration_ = state["best_iteration"]
     model.history_ = [IterationReport(**h) for h in state["history"]]
+    model.samples_ = PosteriorSamples.from_dict(tensors)
+    for name in ("validation_rmse_", "fallback_", "prior_report_", "sampling_seconds_per_sweep_"):
+        setattr(model, name, state.get(name.rstrip("_")))
     if isinstance(model, ConvMF):
         model.vocabulary_size_ = int(state["vocabulary_size"])
         model.item_has_text_ = tensors["item_has_text"]
-        cnn = build_cnn(model.vocabulary_size_ + 1, config.als.n_factors, config.cnn, seed=config.seed)
-        cnn.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("cnn.")})
-        model.cnn_ = cnn.to(device).eval()
+        model.vector_coverage_ = state.get("vector_coverage")
+        encoder_state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        if not encoder_state:  # bundles written before the encoder interface: the CNN's weights as "cnn.*"
+            encoder_state = {k: v for k, v in tensors.items() if k.startswith("cnn.")}
+        try:
+            model.encoder_ = encoder_from_state(encoder_state, config, model.vocabulary_size_, None, device)
+        except (RuntimeError, KeyError) as exc:
+            raise BundleError(f"{directory}: the text encoder's weights do not match its configuration: {exc}") from exc
+        model._device = torch.device(device)
+        if model.cnn_ is not None:
+            model.cnn_.eval()
     vocabulary = None
     if (directory / "vocabulary.json").is_file():
         vocabulary = Vocabulary.from_dict(json.loads((directory / "vocabulary.json").read_text()))

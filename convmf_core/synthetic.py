@@ -1,9 +1,14 @@
 """A planted-structure catalogue: ratings that depend on what the item descriptions say.
 
 Every item has a mixture over ``n_topics`` latent topics (Dirichlet with a small concentration, so mostly one or
-two dominant topics). Its description is drawn from the word lists of its topics, mixed with shared filler words
-and a little off-topic noise, so the text reveals the topics. Every user has a preference vector over the topics
-and a rating is
+two dominant topics). Topic ``t`` is the ``t``-th theme of :data:`TOPIC_THEMES` (space, crime, romance, war, ...,
+like film or book genres), and its word list is ``words_per_topic`` words of that theme, picked with the seeded
+generator. The theme words are real, common, lower-case English words (no stop word, no filler word, no word in
+two themes), so pretrained word vectors such as GloVe know them and place the words of a theme near each other.
+An item's description is drawn from the word lists of its topics, mixed with shared filler words
+(:data:`FILLER_WORDS`) and a little off-topic noise, so the text reveals the topics; its title is made of one or
+two words of its dominant topic ("The Galaxy of the Comet", "Murder and Ransom", "The Haunted"). Every user has a
+preference vector over the topics and a rating is
 
     clip(round(rating_mean + preference_scale * user_pref . item_topics + user_bias + item_bias + noise), 1, 5)
 
@@ -25,7 +30,19 @@ import pandas as pd
 
 from convmf_core.atomic import write_file_atomic
 
-__all__ = ["FILLER_WORDS", "SyntheticConfig", "SyntheticData", "generate_catalogue", "write_catalogue"]
+__all__ = [
+    "CATALOGUE_VERSION",
+    "FILLER_WORDS",
+    "MAX_WORDS_PER_TOPIC",
+    "TOPIC_THEMES",
+    "SyntheticConfig",
+    "SyntheticData",
+    "generate_catalogue",
+    "write_catalogue",
+]
+
+# Bumped whenever the same config and seed would give a different catalogue (2: real English topic words).
+CATALOGUE_VERSION = 2
 
 # Common, neutral content words shared by all descriptions (none is an English stop word).
 FILLER_WORDS: tuple[str, ...] = (
@@ -38,11 +55,98 @@ FILLER_WORDS: tuple[str, ...] = (
     "painting", "lesson", "meeting", "holiday", "journal", "neighbor", "stone", "silver", "shadow", "voice",
 )
 
-# Letters of the made-up topic words: consonant-vowel syllables from these sets spell pronounceable words that are
-# neither English stop words nor filler words (the consonants leave out c, d, f, h, s, w, y used by most of them).
-_CONSONANTS = "bgklmnprtvz"
-_VOWELS = "aeiou"
-_ENDINGS = ("", "", "", "n", "r", "l")
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# The topics' words: one theme per topic, in this order (topic t of a catalogue is theme t). Every word is a common,
+# lower-case English word that GloVe 6B knows; none is a stop word (convmf_core.text.ENGLISH_STOP_WORDS) or a filler
+# word, and no word is in two themes. The first themes are the most distinct from each other (defaults use 8).
+TOPIC_THEMES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("space", _words("""
+        space planet planets galaxy galaxies alien aliens spaceship astronaut astronauts orbit orbital rocket
+        rockets asteroid asteroids comet comets telescope satellite satellites cosmos moon meteor gravity lunar
+        solar spacecraft universe shuttle crater eclipse cosmic astronomer astronomers astronomy
+        extraterrestrial interstellar supernova nebula cosmonaut""")),
+    ("crime", _words("""
+        detective detectives murder murders police heist gangster robbery thief thieves crime crimes criminal
+        criminals investigation suspect suspects witness prosecutor homicide kidnapping ransom fraud gangsters
+        mob burglar smuggler evidence inspector lawyer courtroom convict arrest killer corruption informant gang
+        cartel hostage burglary robber robbers alibi""")),
+    ("romance", _words("""
+        love romance kiss kissing wedding bride groom marriage marry married lover lovers passion affair
+        valentine sweetheart boyfriend girlfriend husband wife honeymoon courtship romantic fiance fiancee
+        divorce jealousy heartbreak desire embrace beloved admirer suitor intimacy seduction longing affection
+        dating mistress""")),
+    ("war", _words("""
+        war wars battle battles battlefield army armies troops tank tanks invasion bomb bombs enemy regiment
+        battalion infantry artillery trenches sniper rifle grenade combat military sergeant lieutenant colonel
+        platoon warfare airstrike bombing casualties ceasefire siege commander wounded ammunition warship
+        missile surrender soldiers wartime""")),
+    ("horror", _words("""
+        ghost ghosts vampire vampires zombie zombies monster monsters demon demons haunted curse nightmare
+        horror terror corpse graveyard creepy scream evil possessed werewolf devil spooky undead satanic
+        haunting phantom eerie sinister macabre occult supernatural paranormal scary terrifying gruesome
+        creature""")),
+    ("western", _words("""
+        cowboy ranch ranches rancher ranchers rodeo saloon sheriff outlaw outlaws horse horses stallion pony
+        saddle rider riders herd cattle wagon wagons stagecoach frontier settlers prairie homestead bandit
+        bandits revolver horseback mustang ranching mule mules trail horsemen dusty""")),
+    ("sports", _words("""
+        football soccer baseball basketball tennis golf hockey rugby cricket coach coaches team teams player
+        players championship championships tournament league stadium athlete athletes goal playoff playoffs
+        trophy medal boxing boxer wrestling referee quarterback pitcher rookie sprinter marathon cyclist striker
+        goalkeeper touchdown umpire teammate""")),
+    ("comedy", _words("""
+        comedy comedies comedic comedian comedians joke jokes laugh laughs laughter funny hilarious humor
+        humorous clown clowns prank pranks parody satire sitcom slapstick gag gags silly goofy wacky quirky
+        comic sketch spoof farce antics amusing witty sarcastic banter absurd""")),
+    ("fantasy", _words("""
+        wizard magic magical magician dragon dragons sorcerer witch witches witchcraft elves dwarf troll fairy
+        fairies unicorn enchanted sword swords wand prophecy mythical myth myths legends mythology folklore
+        realm magicians mystical mystic charms fable fables spirits""")),
+    ("music", _words("""
+        song songs singer singers band bands guitar piano concert concerts melody rock jazz album albums
+        orchestra symphony violin drummer drums lyrics rhythm tune chorus choir opera composer musician
+        musicians guitarist pianist saxophone trumpet ballad rapper songwriter vocals bassist harmony tempo
+        cello flute""")),
+    ("animals", _words("""
+        wolf wolves bear bears lion lions tiger elephant elephants eagle deer rabbit rabbits owl dolphin
+        dolphins whale whales shark sharks dog dogs cat cats puppy kitten bird birds snake snakes monkey monkeys
+        gorilla zebra leopard cheetah jungle wildlife safari penguin turtle squirrel hawk crocodile rhino
+        antelope frog butterfly""")),
+    ("royalty", _words("""
+        king queen prince princes princess emperor empress throne crown crowned royal palace duke duchess
+        monarch monarchs monarchy dynasty empire nobleman nobles nobility aristocrat aristocracy coronation
+        reign heir lord lady baron countess knight knights medieval pharaoh sultan regent abdication royalty
+        majesty feudal""")),
+    ("food", _words("""
+        chef chefs kitchen recipe recipes restaurant restaurants cooking cook baking bakery cake cakes bread
+        soup wine dinner meal meals pasta cheese chocolate dessert desserts pizza salad feast cuisine flavor
+        flavors spices sauce oven tasting menu waiter vineyard cookbook banquet pastry cookies grill roast steak
+        noodles delicious tasty butter sugar flour vegetables""")),
+    ("sea", _words("""
+        pirate pirates ship ships shipwreck sailor sailors sail sails sailing sailed boat boats sea seas waves
+        deck crew fleet admiral vessel vessels navy naval maritime nautical lighthouse treasure cargo ferry
+        yacht yachts schooner lifeboat overboard fishermen""")),
+    ("school", _words("""
+        student students classroom classrooms homework exam exams teenager teenagers prom campus college
+        colleges university professor professors graduation semester tutor freshman freshmen sophomore dorm
+        diploma textbook textbooks essay lecture lectures scholarship classmate classmates pupils curriculum
+        undergraduate tuition kindergarten academic""")),
+    ("medicine", _words("""
+        hospital hospitals nurse nurses surgeon surgeons patient patients surgery disease diseases virus cancer
+        illness diagnosis clinic clinics ambulance medicine medicines emergency vaccine vaccines epidemic
+        pandemic infection infections symptoms physician physicians therapy treatment transplant medical
+        pharmacy prescription injury fever paramedic cardiac coma antibiotics chemotherapy""")),
+)
+
+# The largest ``words_per_topic``: the size of the smallest theme.
+MAX_WORDS_PER_TOPIC: int = min(len(words) for _, words in TOPIC_THEMES)
+
+# Title patterns over two distinct words ``a``, ``b`` of the item's dominant topic (capitalised).
+_TITLE_PATTERNS = ("The {a} {b}", "{a} and {b}", "The {a} of the {b}", "{a} {b}", "The {a}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +195,9 @@ class SyntheticConfig:
             "min_ratings_per_user >= 1": self.min_ratings_per_user >= 1,
             "words_per_description >= 1": self.words_per_description >= 1,
             "words_per_topic >= 2": self.words_per_topic >= 2,
+            f"n_topics <= {len(TOPIC_THEMES)} (the number of TOPIC_THEMES)": self.n_topics <= len(TOPIC_THEMES),
+            f"words_per_topic <= {MAX_WORDS_PER_TOPIC} (the size of the smallest theme)":
+                self.words_per_topic <= MAX_WORDS_PER_TOPIC,
             f"1 <= n_filler_words <= {len(FILLER_WORDS)}": 1 <= self.n_filler_words <= len(FILLER_WORDS),
             "0 <= topic_word_share <= 1": 0.0 <= self.topic_word_share <= 1.0,
             "0 <= off_topic_share <= 1": 0.0 <= self.off_topic_share <= 1.0,
@@ -117,7 +224,8 @@ class SyntheticData:
     ``ratings``: user_id int64, item_id int64, rating float32 (1..5), timestamp int64 (unix seconds), one row per
     (user, item). ``items``: item_id int64, title str, description str ("" for items without text), one row per
     item. Raw ids are ``1..n_users`` and ``1..n_items``; row ``k`` of ``item_topics`` [n_items, n_topics] and
-    ``user_preferences`` [n_users, n_topics] belongs to raw id ``k + 1``. ``topic_words[t]`` is topic ``t``'s list.
+    ``user_preferences`` [n_users, n_topics] belongs to raw id ``k + 1``. ``topic_words[t]`` is topic ``t``'s list
+    and ``topic_names[t]`` the name of its theme (``TOPIC_THEMES[t]``), e.g. "crime".
     """
 
     ratings: pd.DataFrame
@@ -125,28 +233,35 @@ class SyntheticData:
     item_topics: np.ndarray
     user_preferences: np.ndarray
     topic_words: tuple[tuple[str, ...], ...]
+    topic_names: tuple[str, ...]
     config: SyntheticConfig
 
 
 def _make_topic_words(rng: np.random.Generator, n_topics: int, words_per_topic: int) -> tuple[tuple[str, ...], ...]:
-    """Distinct pronounceable made-up words (three consonant-vowel syllables, sometimes a final consonant)."""
-    needed = n_topics * words_per_topic
-    forbidden = set(FILLER_WORDS)
-    seen: set[str] = set()
-    words: list[str] = []
-    while len(words) < needed:
-        batch = 2 * (needed - len(words)) + 16
-        cons = rng.integers(0, len(_CONSONANTS), size=(batch, 3))
-        vows = rng.integers(0, len(_VOWELS), size=(batch, 3))
-        ends = rng.integers(0, len(_ENDINGS), size=batch)
-        for b in range(batch):
-            word = "".join(_CONSONANTS[cons[b, s]] + _VOWELS[vows[b, s]] for s in range(3)) + _ENDINGS[ends[b]]
-            if word not in seen and word not in forbidden:
-                seen.add(word)
-                words.append(word)
-                if len(words) == needed:
-                    break
-    return tuple(tuple(words[t * words_per_topic:(t + 1) * words_per_topic]) for t in range(n_topics))
+    """Topic ``t``'s words: ``words_per_topic`` distinct words of theme ``t``, drawn with ``rng``, in theme order."""
+    topics = []
+    for _, words in TOPIC_THEMES[:n_topics]:
+        picked = np.sort(rng.choice(len(words), size=words_per_topic, replace=False))
+        topics.append(tuple(words[i] for i in picked.tolist()))
+    return tuple(topics)
+
+
+def _titles(rng: np.random.Generator, dominant: np.ndarray, topic_words: tuple[tuple[str, ...], ...]) -> list[str]:
+    """A title per item from one or two distinct words of its dominant topic in a short pattern ("The Galaxy of
+    the Comet"); a title that is already taken gets " 2", " 3", ... (a sequel), so titles are unique."""
+    n_items = len(dominant)
+    wpt = len(topic_words[0])
+    first = rng.integers(0, wpt, size=n_items)
+    second = (first + 1 + rng.integers(0, wpt - 1, size=n_items)) % wpt
+    pattern = rng.integers(0, len(_TITLE_PATTERNS), size=n_items)
+    titles: list[str] = []
+    seen: dict[str, int] = {}
+    for t, a, b, p in zip(dominant.tolist(), first.tolist(), second.tolist(), pattern.tolist()):
+        title = _TITLE_PATTERNS[p].format(a=topic_words[t][a].capitalize(), b=topic_words[t][b].capitalize())
+        n = seen.get(title, 0) + 1
+        seen[title] = n
+        titles.append(title if n == 1 else f"{title} {n}")
+    return titles
 
 
 def _sample_categorical_rows(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
@@ -246,15 +361,8 @@ def generate_catalogue(config: SyntheticConfig = SyntheticConfig()) -> Synthetic
 
     descriptions = _descriptions(rng_text, config, item_topics, has_text, topic_words)
 
-    # Titles: two distinct words of the dominant topic and a number.
-    dominant = item_topics.argmax(axis=1)
-    first = rng_titles.integers(0, config.words_per_topic, size=n_items)
-    second = (first + 1 + rng_titles.integers(0, config.words_per_topic - 1, size=n_items)) % config.words_per_topic
-    number = rng_titles.integers(1, 100, size=n_items)
-    titles = [
-        f"{topic_words[t][a].capitalize()} {topic_words[t][b].capitalize()} {n}"
-        for t, a, b, n in zip(dominant.tolist(), first.tolist(), second.tolist(), number.tolist())
-    ]
+    # Titles: words of the dominant topic in a short pattern.
+    titles = _titles(rng_titles, item_topics.argmax(axis=1), topic_words)
 
     # Who rates what: a lognormal count per user, items by popularity without replacement.
     ratable = np.flatnonzero(~unrated)
@@ -304,6 +412,7 @@ def generate_catalogue(config: SyntheticConfig = SyntheticConfig()) -> Synthetic
         item_topics=item_topics,
         user_preferences=user_preferences,
         topic_words=topic_words,
+        topic_names=tuple(name for name, _ in TOPIC_THEMES[:n_topics]),
         config=config,
     )
 

@@ -15,7 +15,6 @@ longest document (:meth:`Documents.padded_batch`). Word id 0 is reserved for pad
 
 from __future__ import annotations
 
-import gzip
 import re
 import unicodedata
 from collections import Counter
@@ -501,14 +500,6 @@ def encode_documents(texts: Sequence[str | None], vocabulary: Vocabulary, max_le
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-    except ValueError:
-        return False
-    return True
-
-
 def load_word_vectors(
     path: str | Path, vocabulary: Vocabulary, dim: int, *, seed: int = 0, init_std: float = 0.1
 ) -> tuple[np.ndarray, float]:
@@ -518,60 +509,16 @@ def load_word_vectors(
     Returns a float32 matrix ``[len(vocabulary) + 1, dim]`` whose row ``i`` is the vector of word id ``i`` (row 0,
     padding, is zero; words not in the file get ``N(0, init_std^2)`` values from ``numpy.random.default_rng(seed)``),
     and the share of vocabulary words found. A word2vec header line ``count dim`` is skipped; malformed lines are
-    skipped. Lookup is exact first; a file word matching a vocabulary word only after lower-casing is used when the
-    exact word is absent. Raises ValueError if the file's dimension differs from ``dim`` or it holds no vectors.
+    skipped. Lookup is exact first; else the lower-cased vocabulary word; else a file word matching the vocabulary
+    word only after lower-casing. Raises ValueError if the file's dimension differs from ``dim`` or it holds no vectors.
+    A thin wrapper over :func:`convmf_core.vectors.read_vectors_file` and
+    :meth:`~convmf_core.vectors.WordVectors.for_vocabulary`, which also report the coverage in detail.
     """
+    from convmf_core.vectors import read_vectors_file  # lazy: vectors.py refers back to Vocabulary
+
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    matrix = rng.normal(0.0, init_std, size=(vocabulary.size_with_padding, dim)).astype(np.float32)
-    matrix[PAD_ID] = 0.0
-    ids = vocabulary._ids
-    exact = np.zeros(vocabulary.size_with_padding, dtype=bool)
-    found = np.zeros(vocabulary.size_with_padding, dtype=bool)
-    file_dim: int | None = None
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        for line_no, line in enumerate(fh):
-            parts = line.rstrip().split(" ")
-            if line_no == 0 and len(parts) == 2 and _is_int(parts[0]) and _is_int(parts[1]):
-                header_dim = int(parts[1])
-                if header_dim != dim:
-                    raise ValueError(f"{path}: word vectors have dimension {header_dim} (header), expected {dim}")
-                file_dim = header_dim
-                continue
-            if len(parts) < 2:
-                continue
-            if file_dim is None:
-                try:
-                    [float(x) for x in parts[1:]]
-                except ValueError:
-                    continue  # malformed line before any vector: keep looking
-                file_dim = len(parts) - 1
-                if file_dim != dim:
-                    raise ValueError(f"{path}: word vectors have dimension {file_dim}, expected {dim}")
-            if len(parts) != file_dim + 1:
-                continue
-            word = parts[0]
-            wid = ids.get(word)
-            is_exact = wid is not None
-            if wid is None:
-                wid = ids.get(word.lower())
-                if wid is None or found[wid]:
-                    continue
-            elif exact[wid]:
-                continue  # keep the first exact occurrence
-            try:
-                vec = np.asarray(parts[1:], dtype=np.float32)
-            except ValueError:
-                continue
-            if not np.isfinite(vec).all():
-                continue
-            matrix[wid] = vec
-            found[wid] = True
-            exact[wid] |= is_exact
-    if file_dim is None:
-        raise ValueError(f"{path}: no word vectors found")
-    share = float(found.sum()) / len(vocabulary) if len(vocabulary) else 0.0
+    vectors = read_vectors_file(path, dim, only=vocabulary.words)
+    matrix, _, coverage = vectors.for_vocabulary(vocabulary, seed=seed, init_std=init_std)
+    share = coverage.found / coverage.n_words if coverage.n_words else 0.0
     return matrix, share

@@ -1,7 +1,9 @@
 """``convmf``: the one command for what a person does by hand (run the pipeline locally, score, roll back).
 
 Every subcommand has ``--help``. Flow parameters can be given whole as JSON (``--params``), exactly as the Prefect
-UI or ``prefect deployment run --params`` would pass them, or through the common flags.
+UI or ``prefect deployment run --params`` would pass them, or through the common flags; ``train`` and ``nightly``
+also take every model hyperparameter (:class:`flows.params.ModelParams`) as a flag of its own (``--encoder cnn``,
+``--posterior-samples 20``, ``--no-bias-prior``), generated from the parameter model.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+import typing
+from typing import Any, Callable, Sequence
 
 QUIET_DEFAULTS = {
     # Offline machines: Prefect's telemetry otherwise prints tracebacks (and can lock its SQLite database).
@@ -38,8 +41,80 @@ def _training_params(args: argparse.Namespace) -> dict[str, Any]:
                                               "items_path": args.items, "format": args.format})
     if args.model_name:
         params["model_name"] = args.model_name
+    model = _model_overrides(args)
+    if model:
+        params.setdefault("model", {}).update(model)
     params.setdefault("storage", {}).update(_storage(args))
     return params
+
+
+MODEL_DEST = "model."  # argparse dest prefix of the flags generated from ModelParams
+NONE_WORDS = ("none", "null")  # what an optional model flag takes for null (e.g. --word-vectors none)
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The model hyperparameters given as flags (only those given), by ModelParams field name."""
+    return {key[len(MODEL_DEST):]: value for key, value in vars(args).items() if key.startswith(MODEL_DEST)}
+
+
+def _optional(convert: Any) -> Any:
+    """An argparse ``type`` that reads ``none``/``null`` as None and anything else with ``convert``."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in NONE_WORDS else convert(text)
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error message
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose ``deferred`` options are added on first use (parsing or help): the model flags import
+    the parameter models (and torch with them), which ``convmf stack ...`` has no need to wait for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def _complete(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`flows.params.ModelParams` field (``n_factors`` -> ``--n-factors``), its help the field's
+    description and default; values are validated by the parameter model, as JSON ones are."""
+    from flows.params import ModelParams  # pydantic and the library's config; no Prefect
+
+    group = p.add_argument_group("model", "ConvMF hyperparameters (override the 'model' of --params; defaults: the "
+                                          "library's)")
+    for name, field in ModelParams.model_fields.items():
+        flag, annotation = "--" + name.replace("_", "-"), field.annotation
+        options: dict[str, Any] = {"dest": MODEL_DEST + name, "default": argparse.SUPPRESS}
+        description = (field.description or name.replace("_", " ")).replace("%", "%%")
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        nullable = len(members) < len(typing.get_args(annotation))
+        if annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            options.update(choices=list(members), metavar="{" + ",".join(map(str, members)) + "}")
+        else:
+            base = members[0] if nullable and len(members) == 1 else annotation
+            convert = base if base in (int, float, str) else str
+            options["type"] = _optional(convert) if nullable else convert
+            options["metavar"] = name.upper() if convert is str else convert.__name__.upper()
+        default = "null" if field.default is None else field.default
+        null_note = f"; {NONE_WORDS[0]!r} for null" if nullable else ""
+        group.add_argument(flag, help=f"{description} (default: {default}{null_note})", **options)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -54,6 +129,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", help="input format: auto, csv, tsv, jsonl, parquet, movielens-100k, "
                                                     "movielens-1m, movielens-latest")
     p.add_argument("--params", help="TrainingParams as JSON (flags above override it)")
+    if isinstance(p, _Parser):
+        p.deferred.append(_add_model_options)
+    else:
+        _add_model_options(p)
 
 
 def _add_stack(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -163,7 +242,7 @@ def _run_stack(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and ``--help``)."""
-    parser = argparse.ArgumentParser(prog="convmf", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="convmf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the nightly flow end to end on the built-in catalogue",
                        description="Train, evaluate, register, promote and score on the built-in generated "

@@ -8,11 +8,12 @@ is ``$CONVMF_HOME`` or ``./convmf-data`` under the current directory; MLflow def
 Parameters are untrusted input (anyone with the Prefect UI can set them), so they are confined at validation, before
 any work starts:
 
-* **Paths** (``data.ratings_path``, ``data.items_path``, ``storage.home``, a local ``storage.tracking_uri``) never
-  contain a ``..`` component. The allowed roots are ``$CONVMF_DATA_ROOTS`` (directories separated by
-  ``os.pathsep``). When it is set, ``storage.home`` and the data files must lie under one of them; when it is unset,
-  ``storage.home`` is the operator's choice and data files must lie under the working directory (home) or the
-  current directory. Paths are compared after resolving symbolic links.
+* **Paths** (``data.ratings_path``, ``data.items_path``, ``model.word_vectors`` when it is a file, ``storage.home``,
+  a local ``storage.tracking_uri``) never contain a ``..`` component. The allowed roots are ``$CONVMF_DATA_ROOTS``
+  (directories separated by ``os.pathsep``). When it is set, ``storage.home`` and the data files (word vectors
+  included) must lie under one of them; when it is unset, ``storage.home`` is the operator's choice and data files
+  must lie under the working directory (home) or the current directory. Paths are compared after resolving
+  symbolic links.
 * **Names** (model, alias, experiment) match :data:`NAME_PATTERN`; **sizes** (top-N, batch sizes, epochs,
   iterations, users per shard, seeds ...) have upper bounds.
 """
@@ -33,6 +34,7 @@ from convmf_core.config import ConvMFConfig, RefitPolicy, TextConfig
 from convmf_core.data import DAY_SECONDS, time_split
 from convmf_core.ingest import IngestConfig
 from convmf_core.metrics import GATE_METRIC_PATTERN, GatePolicy
+from convmf_core.vectors import PACKAGED_VECTORS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # A Dask scheduler: tcp://host:port (or tls://, ws://, wss://, ucx://), or host:port.
@@ -194,47 +196,103 @@ _LIBRARY = ConvMFConfig()  # the library's defaults (chosen on ML-100K validatio
 
 
 class ModelParams(_Params):
-    """ConvMF hyperparameters; defaults are the library's (:class:`convmf_core.config.ConvMFConfig`)."""
+    """ConvMF hyperparameters; defaults are the library's (:class:`convmf_core.config.ConvMFConfig`).
 
-    n_factors: int = Field(_LIBRARY.als.n_factors, ge=1, le=512)
-    lambda_u: float = Field(_LIBRARY.als.lambda_u, gt=0)
-    lambda_v: float = Field(_LIBRARY.als.lambda_v, gt=0)
-    use_bias: bool = _LIBRARY.als.use_bias
-    item_weighting: bool = _LIBRARY.als.item_weighting
-    max_iterations: int = Field(_LIBRARY.als.max_iterations, ge=1, le=500)
-    patience: int = Field(_LIBRARY.als.patience, ge=1, le=50)
+    The text encoder: ``encoder='linear'`` (fixed document vectors, closed-form ridge map) or ``'cnn'`` (the paper's
+    document CNN); with ``word_vectors`` set the CNN's embedding starts from them (ConvMF+), with ``null`` at random
+    (the paper's ConvMF). ``posterior_samples`` > 0 averages that many Gibbs draws after the ALS fit.
+    """
+
+    n_factors: int = Field(_LIBRARY.als.n_factors, ge=1, le=512, description="Latent factors per user and item (k)")
+    lambda_u: float = Field(_LIBRARY.als.lambda_u, gt=0, description="Ridge on the user factors (ALS)")
+    lambda_v: float = Field(_LIBRARY.als.lambda_v, gt=0, description="Ridge pulling item factors to the text prior")
+    use_bias: bool = Field(_LIBRARY.als.use_bias, description="Global mean and user/item biases")
+    item_weighting: bool = Field(_LIBRARY.als.item_weighting, description="Weight lambda_v by each item's rating "
+                                 "count (the authors' code)")
+    max_iterations: int = Field(_LIBRARY.als.max_iterations, ge=1, le=500, description="Outer iterations at most")
+    patience: int = Field(_LIBRARY.als.patience, ge=1, le=50, description="Outer iterations without a new best "
+                          "validation RMSE before stopping")
     min_iterations: int = Field(_LIBRARY.min_iterations, ge=1, le=500,
                                 description="Early stopping keeps the best iteration from this one on")
     warm_start_max_iterations: int = Field(_LIBRARY.als.warm_start_max_iterations, ge=1, le=500,
                                            description="Outer iterations of a warm-started fit at most")
     warm_start_patience: int = Field(_LIBRARY.als.warm_start_patience, ge=1, le=50,
                                      description="Early-stopping patience of a warm-started fit")
-    warmup_iterations: int = Field(_LIBRARY.warmup_iterations, ge=0, le=500)
-    cnn_epochs_per_iteration: int = Field(_LIBRARY.cnn.epochs_per_iteration, ge=1, le=50)
-    embedding_dim: int = Field(_LIBRARY.cnn.embedding_dim, ge=2, le=1024)
-    n_filters: int = Field(_LIBRARY.cnn.n_filters, ge=1, le=1024)
-    hidden_dim: int = Field(_LIBRARY.cnn.hidden_dim, ge=1, le=2048)
-    dropout: float = Field(_LIBRARY.cnn.dropout, ge=0.0, lt=1.0)
-    batch_size: int = Field(_LIBRARY.cnn.batch_size, ge=1, le=8192)
-    learning_rate: float = Field(_LIBRARY.cnn.learning_rate, gt=0, le=1.0)
+    warmup_iterations: int = Field(_LIBRARY.warmup_iterations, ge=0, le=500, description="ALS-only iterations "
+                                   "before the text prior is first fitted")
+    encoder: Literal["linear", "cnn"] = Field(_LIBRARY.encoder, description="Text encoder of the item prior: "
+                                              "'linear' (document vectors, closed-form ridge map) or 'cnn' (the "
+                                              "paper's document CNN; ConvMF+ when word_vectors is set)")
+    word_vectors: str | None = Field(_LIBRARY.word_vectors, min_length=1, max_length=MAX_PATH_LENGTH,
+                                     description=f"Pretrained word vectors: {PACKAGED_VECTORS!r} (the packaged GloVe "
+                                                 "6B 50-d) or an existing GloVe-format text file under home, the "
+                                                 "current directory or $CONVMF_DATA_ROOTS; null: none (the CNN "
+                                                 "starts at random, the linear encoder uses tf-idf SVD features)")
+    bias_prior: bool = Field(_LIBRARY.bias_prior, description="The text also predicts each item's bias (its prior "
+                             "mean), not only its factors")
+    ridge_alpha: float = Field(_LIBRARY.linear.alpha, gt=0, le=1e9,
+                               description="linear encoder: ridge penalty of the map from document vectors")
+    svd_dim: int = Field(_LIBRARY.linear.svd_dim, ge=0, le=1024,
+                         description="linear encoder: tf-idf SVD components added to the document vectors")
+    posterior_samples: int = Field(_LIBRARY.als.gibbs.samples, ge=0, le=1000,
+                                   description="Gibbs draws averaged after the ALS fit (0: the ALS point estimate)")
+    burn_in: int = Field(_LIBRARY.als.gibbs.burn_in, ge=0, le=1000,
+                         description="Gibbs sweeps discarded before the kept draws")
+    gibbs_lambda_u: float = Field(_LIBRARY.als.gibbs.lambda_u, gt=0,
+                                  description="Ridge on the user factors while sampling")
+    gibbs_lambda_v: float = Field(_LIBRARY.als.gibbs.lambda_v, gt=0,
+                                  description="Ridge on the item factors (around the text prior) while sampling")
+    fallback: bool = Field(_LIBRARY.als.fallback, description="Keep biases alone (or the global mean) when the "
+                           "fitted model is worse on validation: a catalogue too small for the factors")
+    cnn_epochs_per_iteration: int = Field(_LIBRARY.cnn.epochs_per_iteration, ge=1, le=50,
+                                          description="cnn: epochs of the CNN per outer iteration")
+    embedding_dim: int = Field(_LIBRARY.cnn.embedding_dim, ge=2, le=1024, description="cnn: word embedding size "
+                               "(the pretrained vectors' own size when word_vectors is set)")
+    n_filters: int = Field(_LIBRARY.cnn.n_filters, ge=1, le=1024, description="cnn: filters per window size")
+    hidden_dim: int = Field(_LIBRARY.cnn.hidden_dim, ge=1, le=2048, description="cnn: hidden layer size")
+    dropout: float = Field(_LIBRARY.cnn.dropout, ge=0.0, lt=1.0, description="cnn: drop probability in training")
+    batch_size: int = Field(_LIBRARY.cnn.batch_size, ge=1, le=8192, description="cnn: items per minibatch")
+    learning_rate: float = Field(_LIBRARY.cnn.learning_rate, gt=0, le=1.0, description="cnn: first step size")
     learning_rate_decay: float = Field(_LIBRARY.cnn.learning_rate_decay, gt=0, le=1.0,
-                                       description="The CNN's step size is multiplied by this every outer iteration")
-    seed: int = Field(_LIBRARY.seed, ge=0, le=MAX_SEED)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+                                       description="cnn: the step size is multiplied by this every outer "
+                                                   "iteration")
+    seed: int = Field(_LIBRARY.seed, ge=0, le=MAX_SEED, description="Seed of the model's initialisation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else CPU")
+
+    @field_validator("word_vectors")
+    @classmethod
+    def _vectors_exist(cls, value: str | None) -> str | None:
+        """The packaged vectors, or a file that exists (no ``..`` components; confined by :class:`TrainingParams`)."""
+        if value is None or value == PACKAGED_VECTORS:
+            return value
+        _no_parent_components(value, "model.word_vectors")
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"model.word_vectors={value!r}: no such file; give {PACKAGED_VECTORS!r} (the packaged "
+                             "GloVe 6B 50-d vectors), the path of a GloVe-format text file, or null for none")
+        return value
+
+    def word_vectors_path(self) -> str | None:
+        """``word_vectors`` when it names a file (not the packaged vectors), else ``None``."""
+        return None if self.word_vectors in (None, PACKAGED_VECTORS) else self.word_vectors
 
     def config(self) -> ConvMFConfig:
         """As the library's :class:`ConvMFConfig` (settings not exposed here keep the library's defaults)."""
+        als = _LIBRARY.als
         return replace(
             _LIBRARY,
-            als=replace(_LIBRARY.als, n_factors=self.n_factors, lambda_u=self.lambda_u, lambda_v=self.lambda_v,
+            als=replace(als, n_factors=self.n_factors, lambda_u=self.lambda_u, lambda_v=self.lambda_v,
                         use_bias=self.use_bias, item_weighting=self.item_weighting,
                         max_iterations=self.max_iterations, patience=self.patience,
                         warm_start_max_iterations=self.warm_start_max_iterations,
-                        warm_start_patience=self.warm_start_patience),
+                        warm_start_patience=self.warm_start_patience, fallback=self.fallback,
+                        gibbs=replace(als.gibbs, samples=self.posterior_samples, burn_in=self.burn_in,
+                                      lambda_u=self.gibbs_lambda_u, lambda_v=self.gibbs_lambda_v)),
             cnn=replace(_LIBRARY.cnn, embedding_dim=self.embedding_dim, n_filters=self.n_filters,
                         hidden_dim=self.hidden_dim, dropout=self.dropout,
                         epochs_per_iteration=self.cnn_epochs_per_iteration, batch_size=self.batch_size,
                         learning_rate=self.learning_rate, learning_rate_decay=self.learning_rate_decay),
+            encoder=self.encoder, linear=replace(_LIBRARY.linear, alpha=self.ridge_alpha, svd_dim=self.svd_dim),
+            word_vectors=self.word_vectors, bias_prior=self.bias_prior,
             min_iterations=self.min_iterations, warmup_iterations=self.warmup_iterations, seed=self.seed,
             device=self.device)
 
@@ -397,12 +455,15 @@ class TrainingParams(_Params):
 
     @model_validator(mode="after")
     def _data_paths_confined(self) -> "TrainingParams":
-        """Data files must lie under home, the current directory, or $CONVMF_DATA_ROOTS when that is set."""
+        """Data files (and a word-vectors file) must lie under home, the current directory, or $CONVMF_DATA_ROOTS
+        when that is set."""
         roots = self.storage.allowed_roots()
         for name in ("ratings_path", "items_path"):
             value = getattr(self.data, name)
             if value is not None:
                 confine_path(value, f"data.{name}", roots)
+        if self.model.word_vectors_path() is not None:
+            confine_path(self.model.word_vectors_path(), "model.word_vectors", roots)
         return self
 
     def with_defaults(self, defaults: FlowDefaults) -> "TrainingParams":

@@ -39,14 +39,15 @@ def _aligned_documents(documents: Documents, document_ids: list, item_map: IdMap
 
 
 def item_embeddings(bundle: ModelBundle, tokenized: TokenizedData | None) -> np.ndarray | None:
-    """The CNN's own text embedding theta_j = cnn(W, X_j) of every item of ``bundle``, centred on the mean over items
+    """The text encoder's own embedding theta_j of every item of ``bundle`` (the CNN's cnn(W, X_j), or the linear
+    map of the document vector; its factor columns only, not the item-bias channel), centred on the mean over items
     with text (:func:`convmf_core.metrics.center_embeddings`; zeros for items without text), or ``None`` for a model
-    without a text CNN or without the tokenized descriptions."""
+    without a text encoder or without the tokenized descriptions."""
     if tokenized is None or not hasattr(bundle.model, "embed_items"):
         return None
     document_ids, documents, _ = tokenized.load()
     theta = bundle.model.embed_items(_aligned_documents(documents, document_ids, bundle.item_map)).numpy()
-    return center_embeddings(theta)
+    return center_embeddings(theta[:, :bundle.model.als.n_factors])
 
 
 def _finite(value: float) -> float | None:
@@ -67,7 +68,7 @@ def beyond_accuracy_rows(metrics: dict[str, float], n: int) -> list[dict]:
 def evaluate_model(trained: TrainedModel, n: int, run: RunRef, tokenized: TokenizedData | None = None
                    ) -> dict[str, float]:
     """RMSE, MAE, Precision/Recall/NDCG/MAP/HitRate@n and the beyond-accuracy metrics (coverage, novelty,
-    intra-list diversity in the CNN's text embedding - needs ``tokenized`` -, popularity bias), and the same on
+    intra-list diversity in the text encoder's embedding - needs ``tokenized`` -, popularity bias), and the same on
     cold items (when the split has any), on the test ratings with each user's training items excluded from the
     lists. Logged to MLflow (``test_`` prefix) and to the ``evaluation`` and ``beyond-accuracy`` table artifacts."""
     bundle = load_model(trained.bundle_dir)
@@ -84,7 +85,7 @@ def evaluate_model(trained: TrainedModel, n: int, run: RunRef, tokenized: Tokeni
     create_table_artifact(beyond_accuracy_rows(metrics, n), key="beyond-accuracy",
                           description=f"Beyond accuracy of the top-{n} lists of the test users: share of the "
                                       "catalogue recommended, novelty (mean -log2 popularity share, bits), intra-list "
-                                      "diversity (mean pairwise cosine distance of the centred CNN text "
+                                      "diversity (mean pairwise cosine distance of the centred text encoder "
                                       "embeddings), share from the 10% most-rated items; cold items: lists ranked "
                                       "among cold items only")
     get_run_logger().info("test RMSE %.4f, MAE %.4f, recall@%d %.4f, coverage %.3f, novelty %.2f bits, diversity "

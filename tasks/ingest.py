@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from convmf_core.ingest import IngestConfig, ingest, write_parquet_atomic
 from convmf_core.schemas import ITEMS_SCHEMA, QUARANTINE_SCHEMA, RATINGS_SCHEMA
-from convmf_core.synthetic import SyntheticConfig, generate_catalogue, write_catalogue
+from convmf_core.synthetic import CATALOGUE_VERSION, SyntheticConfig, generate_catalogue, write_catalogue
 from tasks.tracking import RunRef
 
 
@@ -26,10 +26,17 @@ class IngestedData:
     counts: dict = field(default_factory=dict)
 
 
+def builtin_catalogue_dir(home: Path, n_users: int, n_items: int, seed: int) -> Path:
+    """Where the built-in catalogue of these sizes and seed lives under ``home``; the generator's
+    ``CATALOGUE_VERSION`` is part of the name, so a home written by an older generator is not served again."""
+    return Path(home) / "builtin" / f"v{CATALOGUE_VERSION}-users{n_users}-items{n_items}-seed{seed}"
+
+
 @task(name="builtin-catalogue")
 def builtin_catalogue(n_users: int, n_items: int, seed: int, home: Path) -> tuple[Path, Path]:
-    """Write the built-in catalogue (ratings that depend on what the descriptions say) as CSV; reused if present."""
-    directory = Path(home) / "builtin" / f"users{n_users}-items{n_items}-seed{seed}"
+    """Write the built-in catalogue (ratings that depend on what the descriptions say) as CSV; reused if present
+    (and written by this version of the generator)."""
+    directory = builtin_catalogue_dir(home, n_users, n_items, seed)
     ratings, items = directory / "ratings.csv", directory / "items.csv"
     if not (ratings.is_file() and items.is_file()):
         paths = write_catalogue(generate_catalogue(SyntheticConfig(n_users=n_users, n_items=n_items, seed=seed)),

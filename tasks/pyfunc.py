@@ -293,10 +293,7 @@ class _Scorer:
         if len(new):
             side = side.with_items(new.items)
         B, n_cols = len(known), side.n_items
-        rows = torch.as_tensor(np.where(known >= 0, known, 0))
-        mask = torch.as_tensor(known >= 0).unsqueeze(1)
-        previous = UserFactors(torch.where(mask, self.model.user_factors_[rows].float(), 0.0),
-                               torch.where(mask.squeeze(1), self.model.user_bias_[rows].float(), 0.0))
+        previous = UserFactors.of_model(self.model, known)
         history = _csr_rows(self.exclude, known, n_cols)
         ratings = Ratings(users, items, values, B, n_cols)
         folded = fold_in_users(side, ratings, previous=previous, history=history)

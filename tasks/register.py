@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from convmf_core.data import Ratings, Split
 from convmf_core.metrics import GatePolicy, cold_items_of, evaluate, higher_is_better
 from convmf_core.models.base import Recommender, ScoringFactors
-from convmf_core.persistence import ModelBundle, load_model
+from convmf_core.persistence import ModelBundle, load_model, read_manifest
 from tasks.registry import (CHAMPION_ALIAS, ModelVersionInfo, PromotionDecision, alias_move_markdown, alias_moves,
                             bundle_rmse, get_alias_version, log_model_version, promote, rollback_champion)
 from tasks.train import TrainedModel, read_split
@@ -42,10 +42,13 @@ def use_tracking_uri(uri: str) -> None:
 @task(name="register")
 def register_model(trained: TrainedModel, metrics: dict[str, float], model_name: str, data_hash: str,
                    run: RunRef) -> ModelVersionInfo:
-    """Log the bundle as a pyfunc (from code, no pickle) in the training run and register a new version."""
+    """Log the bundle as a pyfunc (from code, no pickle) in the training run and register a new version (tagged
+    with its validation and test RMSE, data, device, text encoder and any fallback to a simpler model)."""
     use_tracking_uri(run.tracking_uri)
+    facts = read_manifest(trained.bundle_dir).get("metadata", {})
     tags = {PROMOTION_METRIC: repr(trained.best_validation_rmse), "data_hash": data_hash,
-            "test_rmse": repr(metrics.get("rmse", float("nan"))), "device": trained.device}
+            "test_rmse": repr(metrics.get("rmse", float("nan"))), "device": trained.device,
+            **{key: str(facts[key]) for key in ("encoder", "fallback") if facts.get(key)}}
     seen = pd.read_parquet(trained.seen_path)
     # Retried on transient failures (server down, database locked); a retry after a registration that reached the
     # server finds that version (by run id) instead of registering a second one.

@@ -1,8 +1,10 @@
 """Prefect tasks: resolve and apply the split (the paper's random one, or time-based), fit ConvMF (CUDA when present,
 CPU otherwise; from scratch or warm-started from the champion), save the model bundle.
 
-Per-iteration figures go to MLflow (``step=`` the outer iteration) and to the Prefect log as they happen; the
-learning curve is logged as an image artifact at the end.
+Per-iteration figures go to MLflow (``step=`` the outer iteration) and to the Prefect log as they happen, and so do
+the Gibbs sweeps of posterior averaging (``gibbs_*`` metrics, their steps continuing after the ALS iterations). At
+the end: the learning curve (an image artifact), the text prior's held-out R^2, the word vectors' coverage, the
+posterior samples' cost and any fallback to a simpler model (metrics, tags and the bundle's metadata).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +29,7 @@ from convmf_core.models.base import IterationReport, ModelFitError, resolve_devi
 from convmf_core.models.convmf import ConvMF
 from convmf_core.models.warm_start import warm_start_from
 from convmf_core.persistence import load_model, save_model
+from convmf_core.vectors import VectorCoverage
 from tasks.ingest import IngestedData
 from tasks.tokenize import TokenizedData
 from tasks.tracking import RunRef, with_retries
@@ -211,17 +215,83 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def learning_curve_png(history: list[IterationReport], path: Path) -> Path:
-    """Plot train loss and validation RMSE per iteration to ``path`` (matplotlib, no display needed)."""
+def learning_curve_png(history: list[IterationReport], path: Path,
+                       sampling: list[IterationReport] | None = None) -> Path:
+    """Plot train loss and validation RMSE per iteration to ``path`` (matplotlib, no display needed); with
+    ``sampling`` (Gibbs sweeps), the running posterior average's validation RMSE after the ALS curve."""
     fig = new_figure()
     ax1, ax2 = fig.subplots(1, 2)
     it = [h.iteration for h in history]
     ax1.plot(it, [h.train_loss for h in history], marker="o")
     ax1.set(title="train loss (per rating)", xlabel="iteration")
     ax2.plot(it, [h.validation_rmse if h.validation_rmse is not None else np.nan for h in history], marker="o",
-             color="tab:orange")
-    ax2.set(title="validation RMSE", xlabel="iteration")
+             color="tab:orange", label="ALS")
+    kept = [h for h in sampling or [] if h.validation_rmse is not None]  # the burn-in has no average yet
+    if kept:
+        ax2.plot([h.iteration for h in kept], [h.validation_rmse for h in kept], color="tab:green",
+                 label="posterior average")
+        ax2.legend(fontsize=7)
+    ax2.set(title="validation RMSE", xlabel="iteration (then Gibbs sweep)" if kept else "iteration")
     return save_figure(fig, path)
+
+
+def config_params(config: ConvMFConfig) -> dict[str, Any]:
+    """The model configuration as flat MLflow parameters: ``als.*``, ``gibbs.*`` (``als.gibbs``), ``cnn.*``,
+    ``linear.*`` and the top-level settings (encoder, word_vectors, bias_prior ...). ``device`` is left out: the
+    run logs the device it resolved to."""
+    out: dict[str, Any] = {}
+    for key, value in config_to_dict(config).items():
+        if key == "device":
+            continue
+        if not isinstance(value, dict):
+            out[key] = value
+            continue
+        for name, inner in value.items():
+            if isinstance(inner, dict):  # a section within a section: als.gibbs -> gibbs.*
+                out.update({f"{name}.{k}": v for k, v in inner.items()})
+            else:
+                out[f"{key}.{name}"] = inner
+    return out
+
+
+def coverage_summary(coverage: dict[str, Any]) -> str:
+    """One line on how many vocabulary words had a pretrained vector (:meth:`VectorCoverage.summary`)."""
+    try:
+        return VectorCoverage(**{**coverage, "oov_examples": tuple(coverage.get("oov_examples", ()))}).summary()
+    except TypeError:  # a ready matrix given to fit(): only the counts
+        return (f"{coverage.get('source', 'word vectors')} cover {coverage.get('found')} of "
+                f"{coverage.get('n_words')} words")
+
+
+def samples_megabytes(model: ConvMF) -> float:
+    """Memory of the kept posterior draws (0 without posterior averaging)."""
+    samples = getattr(model, "samples_", None)
+    if samples is None:
+        return 0.0
+    return sum(t.element_size() * t.nelement() for t in samples.to_dict().values()) / 2**20
+
+
+def fit_facts(model: ConvMF) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics and tags of what a fit found beyond its RMSE: the text prior's held-out R^2, the pretrained vectors'
+    coverage, posterior averaging (draws, seconds a sweep, memory) and a fallback to a simpler model."""
+    samples = getattr(model, "samples_", None)
+    metrics: dict[str, float] = {**(getattr(model, "prior_report_", None) or {}),
+                                 "posterior_samples": 0 if samples is None else samples.n_samples,
+                                 "gibbs_sweeps": len(getattr(model, "sampling_history_", [])),
+                                 "samples_memory_mb": samples_megabytes(model),
+                                 "fallback": float(getattr(model, "fallback_", None) is not None)}
+    seconds = getattr(model, "sampling_seconds_per_sweep_", None)
+    if seconds is not None:
+        metrics["gibbs_seconds_per_sweep"] = seconds
+    tags: dict[str, str] = {"encoder": model.config.encoder}
+    coverage = getattr(model, "vector_coverage_", None)
+    if coverage:
+        metrics.update({f"vector_coverage_{k}": coverage[k] for k in ("n_words", "found", "oov", "oov_share")
+                        if k in coverage})
+        tags["vector_coverage"] = coverage_summary(coverage)[:5000]
+    if getattr(model, "fallback_", None):
+        tags["fallback"] = model.fallback_
+    return metrics, tags
 
 
 @task(name="train")
@@ -250,9 +320,8 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     # split is for measuring the model, not a reason to recommend an item the user has already rated).
     seen = pd.DataFrame({"user_id": user_map.to_raw(ratings.users), "item_id": item_map.to_raw(ratings.items)})
     seen_path = write_parquet_atomic(seen, out / "seen.parquet")
-    run.log_params({**{f"als.{k}": v for k, v in config_to_dict(config.als).items()},
-                    **{f"cnn.{k}": v for k, v in config_to_dict(config.cnn).items()},
-                    "seed": config.seed, "device": str(device), "split.validation_fraction": split.validation_fraction,
+    run.log_params({**config_params(config), "device": str(device),
+                    "split.validation_fraction": split.validation_fraction,
                     "split.test_fraction": split.test_fraction, "split.cold_item_fraction": split.cold_item_fraction,
                     "split.seed": split.seed, "split.kind": split.kind, "n_users": len(user_map),
                     "n_items": len(item_map), "n_train": len(train), "n_validation": len(data_split.validation),
@@ -266,9 +335,20 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
         run.log_metrics({"train_loss": r.train_loss, "validation_rmse": r.validation_rmse,
                          "iteration_seconds": r.seconds, **r.extra}, step=r.iteration)
 
+    def log_sweep(r: IterationReport) -> None:
+        # Its own keys: validation_rmse stays the ALS curve (one point per outer iteration). NaN/None are skipped.
+        run.log_metrics({"gibbs_validation_rmse": r.validation_rmse, "gibbs_sweep_seconds": r.seconds, **r.extra},
+                        step=r.iteration)
+
     def report(r: IterationReport) -> None:
-        logger.info("iteration %d: train loss %.4f, validation RMSE %s, %.2f s", r.iteration, r.train_loss,
-                    "n/a" if r.validation_rmse is None else f"{r.validation_rmse:.4f}", r.seconds)
+        rmse = "n/a" if r.validation_rmse is None else f"{r.validation_rmse:.4f}"
+        if "gibbs_sweep" in r.extra:  # a Gibbs sweep of posterior averaging (no train loss; no RMSE in burn-in)
+            logger.info("Gibbs sweep %d (%d kept): validation RMSE of the average %s, %.2f s",
+                        int(r.extra["gibbs_sweep"]), int(r.extra.get("gibbs_kept", 0)), rmse, r.seconds)
+            log_sweep(r)
+            return
+        logger.info("iteration %d: train loss %.4f, validation RMSE %s, %.2f s", r.iteration, r.train_loss, rmse,
+                    r.seconds)
         log_iteration(r)
 
     # The checkpoint is keyed on what determines the model, not on this run: a run killed mid-training (SIGKILL,
@@ -294,13 +374,18 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
         run.set_tags({"resumed_from_iteration": resumed_from, "resumed_from_checkpoint": checkpoint.name,
                       **({"resumed_from_run": interrupted} if interrupted else {})})
     t0 = time.perf_counter()
-    model = ConvMF(config).fit(train, data_split.validation, documents=documents, vocabulary_size=len(vocabulary),
+    model = ConvMF(config).fit(train, data_split.validation, documents=documents, vocabulary=vocabulary,
                                callback=report, checkpoint_path=checkpoint, resume=resumed_from is not None,
                                warm_start=warm_start)
     fit_seconds = time.perf_counter() - t0
     for r in model.history_[:resumed_from or 0]:  # iterations the interrupted run did: this run's curve is whole
         log_iteration(r)
     best = float("nan") if model.best_validation_rmse_ is None else model.best_validation_rmse_
+    facts, fact_tags = fit_facts(model)
+    if "vector_coverage" in fact_tags:
+        logger.info("word vectors: %s", fact_tags["vector_coverage"])
+    if model.fallback_:
+        logger.warning("fallback to a simpler model: %s", model.fallback_)
     bundle = save_model(model, out / "bundle", vocabulary=vocabulary, user_map=user_map, item_map=item_map,
                         metadata={"data_hash": ingested.content_hash, "tokenize_key": tokenized.cache_key,
                                   "mlflow_run_id": run.run_id, "best_validation_rmse": best, "split_kind": split.kind,
@@ -309,13 +394,21 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
                                   "train_max_timestamp": None if timestamps is None else
                                   int(timestamps[timestamps < split.cutoff].max(initial=-1)),
                                   "fit_mode": "warm" if warm_start is not None else "full",
-                                  "warm_start_from": warm_from, "warm_starts": warm_starts})
+                                  "warm_start_from": warm_from, "warm_starts": warm_starts,
+                                  "encoder": config.encoder, "word_vectors": config.word_vectors,
+                                  "fallback": model.fallback_, "prior_report": model.prior_report_ or {},
+                                  "vector_coverage": model.vector_coverage_,
+                                  "posterior_samples": int(facts["posterior_samples"])})
     checkpoint.unlink(missing_ok=True)  # the bundle is saved: the next run of this key trains afresh
     checkpoint.with_suffix(".owner.json").unlink(missing_ok=True)
     run.log_metrics({"best_validation_rmse": best, "best_iteration": model.best_iteration_,
-                     "fit_seconds": fit_seconds, "iterations": len(model.history_), "warm_starts": warm_starts})
-    run.log_artifact(learning_curve_png(model.history_, out / "learning_curve.png"), "plots")
-    logger.info("fitted in %.1f s: best validation RMSE %.4f at iteration %d", fit_seconds, best,
-                model.best_iteration_)
+                     "fit_seconds": fit_seconds, "iterations": len(model.history_), "warm_starts": warm_starts,
+                     **facts})
+    run.set_tags(fact_tags)
+    run.log_artifact(learning_curve_png(model.history_, out / "learning_curve.png", model.sampling_history_),
+                     "plots")
+    logger.info("fitted in %.1f s: validation RMSE %.4f (best iteration %d%s)", fit_seconds, best,
+                model.best_iteration_, f", average of {int(facts['posterior_samples'])} posterior draws"
+                if facts["posterior_samples"] else "")
     return TrainedModel(bundle, split_dir, seen_path, best, model.best_iteration_, len(model.history_), fit_seconds,
                         str(device))

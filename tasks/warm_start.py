@@ -72,6 +72,11 @@ def incompatibility(bundle: ModelBundle, config: ConvMFConfig, text: TextConfig)
         return "the champion's bundle holds no vocabulary"
     if model.als.n_factors != config.als.n_factors:
         return f"the number of factors changed ({model.als.n_factors} -> {config.als.n_factors})"
+    if model.config.encoder != config.encoder:
+        return f"the text encoder changed ({model.config.encoder} -> {config.encoder})"
+    wants_bias_channel = config.bias_prior and config.als.use_bias and config.als.confidence is None
+    if model.bias_channel != wants_bias_channel:
+        return f"the text prior's bias channel changed ({model.bias_channel} -> {wants_bias_channel})"
     changed = [f"{name} {getattr(model.config.cnn, name)} -> {getattr(config.cnn, name)}"
                for name in _CNN_SHAPE_FIELDS if getattr(model.config.cnn, name) != getattr(config.cnn, name)]
     if changed:

@@ -177,8 +177,11 @@ def test_pretrained_embeddings() -> None:
     model = build_cnn(N_WORDS + 1, K, CONFIG, seed=0, pretrained_embeddings=vectors)
     torch.testing.assert_close(model.embedding.weight[1:].detach(), torch.as_tensor(vectors[1:]))
     assert torch.equal(model.embedding.weight[0].detach(), torch.zeros(CONFIG.embedding_dim))
-    with pytest.raises(ValueError, match="shape"):
-        build_cnn(N_WORDS + 1, K, CONFIG, seed=0, pretrained_embeddings=vectors[:, :3])
+    with pytest.raises(ValueError, match="shape"):  # one row per word id (padding included)
+        build_cnn(N_WORDS + 1, K, CONFIG, seed=0, pretrained_embeddings=vectors[:-1])
+    # pretrained vectors bring their own dimension (GloVe 50-d for ConvMF+), whatever config.embedding_dim says
+    narrow = build_cnn(N_WORDS + 1, K, CONFIG, seed=0, pretrained_embeddings=vectors[:, :3])
+    assert narrow.embedding.embedding_dim == 3 and narrow.convs[0].in_channels == 3
 
 
 def test_make_optimizer() -> None:

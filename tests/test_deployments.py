@@ -33,6 +33,7 @@ import yaml
 
 from flows import stack
 from flows.cli import build_parser, main
+from tasks.ingest import builtin_catalogue_dir
 from tests.server_support import (PYTHON, ROOT, STARTUP_TIMEOUT_S, Started, alive, base_env, free_port, kill_group,
                                   processes_in_groups, tails, wait_for)
 
@@ -560,7 +561,7 @@ class TestDeploymentsOnARealServer:
         assert run["state_type"] == "COMPLETED", tails([gpu_worker])
         assert run["parameters"] == {"params": RETRAIN_PARAMS}
         # The job variables reached the run: CONVMF_HOME decided where the built-in catalogue was written.
-        assert (servers.home / "builtin" / "users60-items50-seed0" / "ratings.csv").is_file()
+        assert (builtin_catalogue_dir(servers.home, 60, 50, 0) / "ratings.csv").is_file()
 
         client = MlflowClient(tracking_uri=servers.mlflow_url, registry_uri=servers.mlflow_url)
         [version] = client.search_model_versions("name='retrain-test'")

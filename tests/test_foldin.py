@@ -5,6 +5,8 @@ Uses the session's small fitted models (tests/conftest.py); each test takes well
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,18 @@ from convmf_core.foldin import FoldInError, ItemSide, NewItems, UserFactors, emb
 from convmf_core.models.als_mf import PMF, _ALSProblem, _Factors
 from convmf_core.models.convmf import ConvMF
 from convmf_core.text import Vocabulary, encode_documents
+
+ENCODERS = ["linear", "cnn"]
+
+
+@pytest.fixture(scope="module")
+def by_encoder(convmf_config, catalogue, split: Split) -> dict[str, ConvMF]:
+    """One ConvMF per text encoder, fitted with the vocabulary: the linear encoder on the packaged GloVe vectors, the
+    CNN without pretrained vectors."""
+    configs = {"linear": replace(convmf_config, encoder="linear"),
+               "cnn": replace(convmf_config, encoder="cnn", word_vectors=None)}
+    return {enc: ConvMF(cfg).fit(split.train, split.validation, documents=catalogue.documents,
+                                 vocabulary=catalogue.vocabulary) for enc, cfg in configs.items()}
 
 
 def _user_rows(ratings: Ratings, users: np.ndarray) -> Ratings:
@@ -40,8 +54,9 @@ def _reference(model: ConvMF | PMF, ratings: Ratings) -> np.ndarray:
     return solve_ridge_reference(net.csr(), Y, side.ridge().double().numpy())
 
 
-def test_folded_in_users_equal_the_als_user_update(fitted: dict, split: Split) -> None:
-    model: ConvMF = fitted["convmf"].model
+@pytest.mark.parametrize("encoder", ["linear-svd"] + ENCODERS)
+def test_folded_in_users_equal_the_als_user_update(fitted: dict, by_encoder: dict, split: Split, encoder: str) -> None:
+    model: ConvMF = fitted["convmf"].model if encoder == "linear-svd" else by_encoder[encoder]
     side = ItemSide.of(model)
     folded = fold_in_users(side, split.train)
     # The training loop's own eq. 7 half-step with the same V, c and ratings.
@@ -115,14 +130,23 @@ def test_model_without_biases_folds_in_like_the_reference(split: Split) -> None:
     assert float(folded.bias.abs().sum()) == 0.0
 
 
-def test_new_items_are_their_cnn_embedding(fitted: dict, split: Split, catalogue) -> None:
-    model: ConvMF = fitted["convmf"].model
+@pytest.mark.parametrize("encoder", ["linear-svd"] + ENCODERS)
+def test_new_items_are_their_text_embedding(fitted: dict, by_encoder: dict, split: Split, catalogue,
+                                            encoder: str) -> None:
+    model: ConvMF = fitted["convmf"].model if encoder == "linear-svd" else by_encoder[encoder]
+    k = model.als.n_factors
     texts = ["a brand new description " + catalogue.texts[0], catalogue.texts[1], "zzzz qqqq", None]
     new = embed_new_items(model, texts, catalogue.vocabulary)
+    assert new.n_samples == 0  # a point model
     expected = model.embed_items(encode_documents(texts, catalogue.vocabulary)).detach()
-    torch.testing.assert_close(new.factors, expected)
+    assert expected.shape == (4, k + 1) and model.bias_channel
+    torch.testing.assert_close(new.factors, expected[:, :k])  # theta_j
+    torch.testing.assert_close(new.bias, expected[:, k])  # theta_j^c, the bias channel
     assert new.has_text.tolist() == [True, True, False, False]
-    assert float(new.factors[2:].abs().sum()) == 0.0 and float(new.bias.abs().sum()) == 0.0
+    assert float(new.bias[:2].abs().min()) > 0.0  # described items get the text's bias
+    assert float(new.factors[2:].abs().sum()) == 0.0 and float(new.bias[2:].abs().sum()) == 0.0
+    # scoring rows are [theta_j, 1, theta_j^c], the model's item layout
+    torch.testing.assert_close(new.scoring_rows(), torch.cat([expected[:, :k], torch.ones(4, 1), expected[:, k:]], 1))
     # An item with text and no training rating holds v_j = theta_j: a new item gets the same treatment.
     unrated = np.flatnonzero((split.train.item_counts() == 0) & model.item_has_text_.numpy())
     assert len(unrated) > 0
@@ -142,7 +166,7 @@ def test_bad_input_gets_a_clear_error(fitted: dict, split: Split, catalogue) -> 
     side = ItemSide.of(convmf)
     with pytest.raises(FoldInError, match="needs an ALS model"):
         ItemSide.of(fitted["sgd"].model)
-    with pytest.raises(FoldInError, match="has no text CNN"):
+    with pytest.raises(FoldInError, match="has no text encoder"):
         embed_new_items(fitted["pmf"].model, ["text"], catalogue.vocabulary)
     with pytest.raises(FoldInError, match="item columns"):
         fold_in_users(side, Ratings(np.array([0]), np.array([0]), np.array([3.0]), 1, side.n_items + 1))

@@ -676,3 +676,31 @@ def test_stream_config_validation() -> None:
     for bad in (dict(stream_min_bytes=-1), dict(stream_block_bytes=0), dict(stream_batch_rows=0)):
         with pytest.raises(ValueError, match="stream_"):
             IngestConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------ built-in catalogue
+
+
+def test_builtin_catalogue_folder_carries_the_generator_version(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home written by an older generator (no version in the folder name) is not served again; the current
+    version's folder is written once and reused."""
+    import logging
+
+    import tasks.ingest as ingest_tasks
+    from convmf_core.synthetic import CATALOGUE_VERSION
+
+    monkeypatch.setattr(ingest_tasks, "get_run_logger", lambda: logging.getLogger("test"))  # no Prefect run here
+    old = tmp_path / "builtin" / "users30-items20-seed0"
+    old.mkdir(parents=True)
+    write(old / "ratings.csv", "user_id,item_id,rating\nold,old,1\n")
+    write(old / "items.csv", "item_id,title,description\nold,Old,an old catalogue\n")
+
+    ratings, items = ingest_tasks.builtin_catalogue.fn(30, 20, 0, tmp_path)
+    directory = ingest_tasks.builtin_catalogue_dir(tmp_path, 30, 20, 0)
+    assert directory.name == f"v{CATALOGUE_VERSION}-users30-items20-seed0"
+    assert (ratings.parent, items.parent) == (directory, directory)
+    assert "old" not in pd.read_csv(ratings, dtype=str)["user_id"].tolist()
+    stamp = ratings.stat().st_mtime_ns
+    assert ingest_tasks.builtin_catalogue.fn(30, 20, 0, tmp_path) == (ratings, items)  # reused, not rewritten
+    assert ratings.stat().st_mtime_ns == stamp

