@@ -84,7 +84,7 @@ def _figures(model: Recommender, data: BenchmarkData) -> dict[str, float]:
     return figures
 
 
-def _fit_child(make: Callable[[], Any], data: BenchmarkData, text: bool, queue: Any) -> None:
+def _fit_child(make: Callable[[], Any], data: BenchmarkData, text: bool, queue: Any, tuning: bool = False) -> None:
     torch.manual_seed(0)
     split = data.split
     model = make()
@@ -94,6 +94,9 @@ def _fit_child(make: Callable[[], Any], data: BenchmarkData, text: bool, queue: 
     else:
         model.fit(split.train, split.validation)
     fit = time.perf_counter() - t0
+    if tuning:  # only the validation figure is needed
+        queue.put({"als": {"val_rmse": model.best_validation_rmse_}})
+        return
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = getattr(model, "prior_report_", None) or {}
     common = {"peak_mb": peak, "r2": report.get("prior_heldout_r2", math.nan),
@@ -111,11 +114,12 @@ def _fit_child(make: Callable[[], Any], data: BenchmarkData, text: bool, queue: 
     queue.put(rows)
 
 
-def run_isolated(make: Callable[[], Any], data: BenchmarkData, text: bool) -> dict[str, dict[str, Any]]:
+def run_isolated(make: Callable[[], Any], data: BenchmarkData, text: bool,
+                 tuning: bool = False) -> dict[str, dict[str, Any]]:
     """Fit and evaluate in a forked child; returns its rows ("als" and, when sampled, "averaged")."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_fit_child, args=(make, data, text, queue))
+    proc = ctx.Process(target=_fit_child, args=(make, data, text, queue, tuning))
     proc.start()
     result = queue.get()
     proc.join()
@@ -128,7 +132,7 @@ def tune_pmf(data: BenchmarkData) -> dict[str, Any]:
     for values in itertools.product(*PMF_GRID.values()):
         point = dict(zip(PMF_GRID, values))
         als = ALSConfig(**point, gibbs=GibbsConfig(samples=0))
-        val = run_isolated(lambda: PMF(PMFConfig(als=als)), data, False)["als"]["val_rmse"]
+        val = run_isolated(lambda: PMF(PMFConfig(als=als)), data, False, tuning=True)["als"]["val_rmse"]
         print(f"  PMF {point}: validation RMSE {val:.4f}", file=sys.stderr, flush=True)
         if best is None or val < best[0]:
             best = (val, point)

@@ -108,8 +108,9 @@ class UserFactors:
 
 @dataclass(frozen=True, eq=False)
 class NewItems:
-    """Items described after training: ``factors`` = theta_j (B x k), ``bias`` = c_j = 0, ``has_text`` says which
-    descriptions kept at least one vocabulary word (the others have theta_j = 0)."""
+    """Items described after training: ``factors`` = theta_j (B x k), ``bias`` = c_j = theta_j^c (the text encoder's
+    bias channel; 0 without it), ``has_text`` says which descriptions kept at least one vocabulary word (the others
+    have theta_j = 0 and c_j = 0)."""
 
     factors: torch.Tensor
     bias: torch.Tensor
@@ -275,7 +276,8 @@ def fold_in_users(side: ItemSide, ratings: Ratings, *, previous: UserFactors | N
 
 def embed_new_items(model: ConvMF, texts: Sequence[str | None], vocabulary: Vocabulary, *,
                     max_length: int | None = None) -> NewItems:
-    """theta_j = cnn(W, X_j) for items described after training; c_j = 0 (module docstring).
+    """theta_j (the text encoder's prediction) for items described after training, and c_j = theta_j^c (0 without
+    the bias channel; module docstring).
 
     ``texts`` are raw descriptions, encoded with ``vocabulary`` (the model's own) and cut to ``max_length`` raw
     words (default: the vocabulary's text settings, else 300), exactly as the training documents were.

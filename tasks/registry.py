@@ -61,6 +61,8 @@ TAG_METRIC = "promotion.metric"
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _REQUIREMENT_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pyarrow")
 
+BASELINE_MARGIN = 1e-6  # how much a candidate must beat the global-mean predictor by (float32 rounding)
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # Logging and registration
@@ -266,12 +268,15 @@ def _decide(version: str, previous: str | None, candidate: float, champion_value
         return False, "; ".join(problems)
     if not math.isfinite(candidate):
         return False, f"{metric_name} is {candidate}, not a finite number"
+    # The global-mean rule: a candidate must beat that predictor by more than float32 rounding (a model that fell
+    # back to the global mean, ALSConfig.fallback, predicts it exactly up to 1e-7 and must not become champion).
+    margin = BASELINE_MARGIN if higher_is_better else -BASELINE_MARGIN
     if policy is not None and policy.metric != "rmse":  # the global-mean rule holds on RMSE whatever the gate
         rmse = (candidate_figures or {}).get("rmse", float("nan"))
-        if baseline is not None and math.isfinite(baseline) and not (rmse < baseline):
+        if baseline is not None and math.isfinite(baseline) and not (rmse < baseline - BASELINE_MARGIN):
             return False, (f"rmse {rmse:.4f} is no better than the global-mean predictor's {baseline:.4f} on the "
                            "same split")
-    elif baseline is not None and math.isfinite(baseline) and not beats(candidate, baseline):
+    elif baseline is not None and math.isfinite(baseline) and not beats(candidate, baseline + margin):
         return False, (f"{metric_name} {candidate:.4f} is no better than the global-mean predictor's "
                        f"{baseline:.4f} on the same split")
     if previous is None:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, PMFConfig, SGDMFConfig, TextConfig
+from convmf_core.config import ALSConfig, CNNConfig, ConvMFConfig, GibbsConfig, PMFConfig, SGDMFConfig, TextConfig
 from convmf_core.data import IdMap, Ratings, Split, random_split, ratings_from_frame
 from convmf_core.models.als_mf import PMF
 from convmf_core.models.base import Recommender
@@ -88,7 +88,9 @@ def tiny_cnn() -> CNNConfig:
 
 @pytest.fixture(scope="session")
 def fast_als() -> ALSConfig:
-    return ALSConfig(n_factors=4, lambda_u=1.0, lambda_v=10.0, max_iterations=3, patience=100)
+    # the ALS point estimate: tests of posterior averaging (test_gibbs.py) switch it on themselves
+    return ALSConfig(n_factors=4, lambda_u=1.0, lambda_v=10.0, max_iterations=3, patience=100,
+                     gibbs=GibbsConfig(samples=0))
 
 
 @pytest.fixture(scope="session")

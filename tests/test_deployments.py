@@ -46,7 +46,8 @@ DEPLOYMENTS = {"nightly-retrain": ("convmf-nightly", "flows/nightly.py:nightly_f
 RETRAIN_PARAMS = {"model_name": "retrain-test",
                   "data": {"source": "builtin", "builtin_users": 60, "builtin_items": 50},
                   "model": {"n_factors": 3, "embedding_dim": 8, "n_filters": 4, "hidden_dim": 8,
-                            "max_iterations": 2, "cnn_epochs_per_iteration": 1, "batch_size": 16, "device": "cpu"},
+                            "max_iterations": 2, "cnn_epochs_per_iteration": 1, "batch_size": 16, "device": "cpu",
+                            "posterior_samples": 10, "burn_in": 5},
                   "eval_n": 5}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

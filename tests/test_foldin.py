@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convmf_core.als import solve_ridge_reference
-from convmf_core.config import ALSConfig, PMFConfig
+from convmf_core.config import ALSConfig, GibbsConfig, PMFConfig
 from convmf_core.data import DataError, Ratings, Split
 from convmf_core.foldin import FoldInError, ItemSide, NewItems, UserFactors, embed_new_items, fold_in_users
 from convmf_core.models.als_mf import PMF, _ALSProblem, _Factors
@@ -26,8 +26,8 @@ ENCODERS = ["linear", "cnn"]
 def by_encoder(convmf_config, catalogue, split: Split) -> dict[str, ConvMF]:
     """One ConvMF per text encoder, fitted with the vocabulary: the linear encoder on the packaged GloVe vectors, the
     CNN without pretrained vectors."""
-    configs = {"linear": replace(convmf_config, encoder="linear"),
-               "cnn": replace(convmf_config, encoder="cnn", word_vectors=None)}
+    point = replace(convmf_config, als=replace(convmf_config.als, gibbs=GibbsConfig(samples=0)))
+    configs = {"linear": replace(point, encoder="linear"), "cnn": replace(point, encoder="cnn", word_vectors=None)}
     return {enc: ConvMF(cfg).fit(split.train, split.validation, documents=catalogue.documents,
                                  vocabulary=catalogue.vocabulary) for enc, cfg in configs.items()}
 
@@ -121,7 +121,8 @@ def test_known_user_update_equals_eq7_on_old_and_new_ratings(fitted: dict, split
 
 
 def test_model_without_biases_folds_in_like_the_reference(split: Split) -> None:
-    model = PMF(PMFConfig(als=ALSConfig(n_factors=3, lambda_u=2.0, lambda_v=5.0, use_bias=False, max_iterations=2),
+    model = PMF(PMFConfig(als=ALSConfig(n_factors=3, lambda_u=2.0, lambda_v=5.0, use_bias=False, max_iterations=2,
+                                        gibbs=GibbsConfig(samples=0)),
                           seed=0, device="cpu")).fit(split.train)
     side = ItemSide.of(model)
     assert not side.use_bias and side.global_mean == 0.0

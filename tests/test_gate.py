@@ -28,7 +28,7 @@ from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-from convmf_core.config import ALSConfig, PMFConfig
+from convmf_core.config import ALSConfig, GibbsConfig, PMFConfig
 from convmf_core.data import Split
 from convmf_core.metrics import GatePolicy, cold_items_of, evaluate
 from convmf_core.models.als_mf import PMF
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecat
 MODEL = "convmf-gate"
 DATA = DataParams(builtin_users=80, builtin_items=60)
 TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, max_iterations=4,
-                   cnn_epochs_per_iteration=1, device="cpu")
+                   cnn_epochs_per_iteration=1, device="cpu", posterior_samples=10, burn_in=5)
 SPLIT = SplitParams(kind="random", cold_item_fraction=0.1)
 POLICY = GatePolicy("ndcg@10", other_tolerance=0.02, cold_tolerance=0.05)
 
@@ -90,7 +90,8 @@ def score_bundle(scores: np.ndarray, like: TrainedModel, split: Split, directory
     (u, j) as ``scores[u, j]`` (predictions clipped to the rating range), with ``like``'s id maps."""
     base = load_model(like.bundle_dir)
     n_users, n_items = scores.shape
-    pmf = PMF(PMFConfig(als=ALSConfig(n_factors=n_items, max_iterations=1, patience=1), seed=0, device="cpu"))
+    pmf = PMF(PMFConfig(als=ALSConfig(n_factors=n_items, max_iterations=1, patience=1, gibbs=GibbsConfig(samples=0)),
+                        seed=0, device="cpu"))  # a point model: its factors are overwritten below
     pmf.fit(split.train)
     pmf.user_factors_ = torch.as_tensor(scores, dtype=torch.float32).contiguous()
     pmf.item_factors_ = torch.eye(n_items)

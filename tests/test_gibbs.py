@@ -15,11 +15,12 @@ import torch
 
 from convmf_core.als import SparseRows, solve_ridge
 from convmf_core.config import ALSConfig, ConvMFConfig, GibbsConfig, PMFConfig
-from convmf_core.data import Ratings, Split
+from convmf_core.data import IdMap, Ratings, Split
 from convmf_core.foldin import FoldInError, ItemSide, UserFactors, embed_new_items, fold_in_users
 from convmf_core.gibbs import PosteriorSamples
 from convmf_core.models.als_mf import PMF, ALSFactorModel
 from convmf_core.models.convmf import ConvMF
+from convmf_core.models.warm_start import warm_start_from
 from convmf_core.persistence import load_model, save_model
 
 S = 5  # kept draws
@@ -247,3 +248,25 @@ def test_the_fallback_drops_the_draws(catalogue, split: Split) -> None:
     rmse = float(np.sqrt(np.mean((model.predict(val.users, val.items) - val.values) ** 2)))
     assert model.best_validation_rmse_ == pytest.approx(rmse, abs=1e-5)
     assert model.scoring_factors().user.shape[1] == model.als.n_factors + 2
+
+
+@pytest.mark.parametrize("kind", ["pmf", "convmf-linear"])
+def test_a_warm_start_of_a_sampled_model_runs_the_short_burn_in(sampled, catalogue, split: Split, kind: str) -> None:
+    previous = sampled[kind]
+    users, items = IdMap(np.arange(split.train.n_users)), IdMap(np.arange(split.train.n_items))
+    ws = warm_start_from(previous, users, items, users, items)  # the same catalogue, one more night
+    gibbs = replace(SAMPLED_ALS.gibbs, burn_in=50, warm_start_burn_in=2)
+    als = replace(SAMPLED_ALS, gibbs=gibbs)
+    if kind == "pmf":
+        warm = PMF(PMFConfig(als=als, device="cpu")).fit(split.train, split.validation, warm_start=ws)
+    else:
+        warm = ConvMF(replace(previous.config, als=als)).fit(split.train, split.validation,
+                                                             documents=catalogue.documents,
+                                                             vocabulary_size=len(catalogue.vocabulary),
+                                                             warm_start=ws)
+    assert len(warm.sampling_history_) == gibbs.warm_start_burn_in + gibbs.samples  # not burn_in + samples
+    assert warm.samples_.n_samples == S
+    val = split.validation
+    rmse = float(np.sqrt(np.mean((warm.predict(val.users, val.items) - val.values) ** 2)))
+    assert rmse == pytest.approx(warm.best_validation_rmse_, abs=1e-5)
+    assert rmse < float(np.sqrt(np.mean((split.train.mean() - val.values) ** 2)))

@@ -242,7 +242,8 @@ def test_training_run_survives_an_mlflow_server_restart(mlflow_server: MlflowSer
     params = TrainingParams(
         model_name=model_name, data=DataParams(builtin_users=60, builtin_items=50),
         model=ModelParams(n_factors=3, embedding_dim=8, n_filters=4, hidden_dim=8, max_iterations=iterations,
-                          patience=iterations, cnn_epochs_per_iteration=1, batch_size=16, device="cpu"),
+                          patience=iterations, cnn_epochs_per_iteration=1, batch_size=16, device="cpu",
+                          posterior_samples=10, burn_in=5),
         storage=StorageParams(home=str(tmp_path / "home"), tracking_uri=mlflow_server.url), eval_n=5)
 
     events: dict[str, float] = {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from convmf_core.config import ALSConfig, ConvMFConfig, PMFConfig
+from convmf_core.config import ALSConfig, ConvMFConfig, GibbsConfig, PMFConfig
 from convmf_core.data import Ratings, cold_item_split
 from convmf_core.metrics import evaluate
 from convmf_core.models.als_mf import PMF, load_checkpoint
@@ -21,6 +21,7 @@ from convmf_core.synthetic import SyntheticConfig
 from convmf_core.text import Documents
 
 KINDS = ["convmf", "pmf", "sgd"]
+POINT = GibbsConfig(samples=0)  # the ALS point estimate (no posterior averaging: tests/test_gibbs.py)
 ENCODERS = ["linear", "cnn"]
 
 
@@ -35,9 +36,11 @@ def _factors(model) -> list[torch.Tensor]:
 
 
 def _with_encoder(config: ConvMFConfig, encoder: str) -> ConvMFConfig:
-    """``config`` with ``encoder``; the CNN without pretrained vectors (the paper's ConvMF: no vocabulary needed), the
-    linear encoder as configured (the packaged GloVe vectors when fit() gets the vocabulary)."""
-    return replace(config, encoder=encoder, word_vectors=None if encoder == "cnn" else config.word_vectors)
+    """``config`` with ``encoder`` and the ALS point estimate; the CNN without pretrained vectors (the paper's
+    ConvMF: no vocabulary needed), the linear encoder as configured (the packaged GloVe vectors when fit() gets the
+    vocabulary)."""
+    return replace(config, encoder=encoder, word_vectors=None if encoder == "cnn" else config.word_vectors,
+                   als=replace(config.als, gibbs=POINT))
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +182,7 @@ def test_callback_gets_one_report_per_iteration(convmf_config, pmf_config, sgd_c
 
 @pytest.mark.parametrize("kind", ["pmf", "convmf"])
 def test_early_stopping_keeps_the_best_iteration(tiny_cnn, catalogue, split, kind: str) -> None:
-    als = ALSConfig(n_factors=8, lambda_u=1.0, lambda_v=1.0, max_iterations=12, patience=2)
+    als = ALSConfig(n_factors=8, lambda_u=1.0, lambda_v=1.0, max_iterations=12, patience=2, gibbs=POINT)
     if kind == "pmf":
         model = PMF(PMFConfig(als=als, device="cpu")).fit(split.train, split.validation)
     else:
@@ -198,7 +201,7 @@ def test_early_stopping_keeps_the_best_iteration(tiny_cnn, catalogue, split, kin
 
 
 def test_early_stopping_keeps_no_iteration_before_min_iterations(tiny_cnn, catalogue, split) -> None:
-    als = ALSConfig(n_factors=8, lambda_u=1.0, lambda_v=1.0, max_iterations=9, patience=2)
+    als = ALSConfig(n_factors=8, lambda_u=1.0, lambda_v=1.0, max_iterations=9, patience=2, gibbs=POINT)
     # (without the bias channel: with it, this data's best iteration is the 6th anyway)
     config = ConvMFConfig(als=als, cnn=tiny_cnn, encoder="cnn", word_vectors=None, bias_prior=False, device="cpu",
                           min_iterations=6)
@@ -219,7 +222,7 @@ def test_early_stopping_keeps_no_iteration_before_min_iterations(tiny_cnn, catal
 
 def test_cnn_learning_rate_decays_per_outer_iteration(tiny_cnn, catalogue, split) -> None:
     cnn = replace(tiny_cnn, learning_rate_decay=0.5)
-    als = ALSConfig(n_factors=8, max_iterations=4, patience=4)
+    als = ALSConfig(n_factors=8, max_iterations=4, patience=4, gibbs=POINT)
     config = ConvMFConfig(als=als, cnn=cnn, encoder="cnn", word_vectors=None, device="cpu")
     model = _fit_convmf(config, catalogue, split.train, split.validation)
     rates = [h.extra["cnn_learning_rate"] for h in model.history_]
@@ -240,7 +243,7 @@ def test_predictions_are_clipped_to_the_rating_range(fitted, split) -> None:
         pred = model.predict(users, items)
         assert pred.min() >= lo and pred.max() <= hi
     # the clip is doing something: a weakly regularised PMF scores some pair outside the range
-    loose = PMF(PMFConfig(als=ALSConfig(n_factors=8, lambda_u=0.01, lambda_v=0.01, max_iterations=3),
+    loose = PMF(PMFConfig(als=ALSConfig(n_factors=8, lambda_u=0.01, lambda_v=0.01, max_iterations=3, gibbs=POINT),
                           device="cpu")).fit(split.train)
     raw = loose.score(np.arange(split.train.n_users))
     assert raw.min() < lo or raw.max() > hi
@@ -342,7 +345,7 @@ def test_convmf_beats_pmf_on_cold_items(make_catalogue) -> None:
     cat = make_catalogue(SyntheticConfig(n_users=300, n_items=300, n_topics=4, ratings_per_user=50, seed=0))
     split, cold = cold_item_split(cat.ratings, cold_fraction=0.2, seed=0)
     assert np.all(split.train.item_counts()[cold] == 0)
-    als = ALSConfig(n_factors=4, lambda_u=1.0, lambda_v=10.0, max_iterations=10, patience=3)
+    als = ALSConfig(n_factors=4, lambda_u=1.0, lambda_v=10.0, max_iterations=10, patience=3, gibbs=POINT)
     pmf = PMF(PMFConfig(als=als, seed=0, device="cpu")).fit(split.train, split.validation)
     cnn = replace(ConvMFConfig().cnn, embedding_dim=16, n_filters=8, hidden_dim=16, epochs_per_iteration=5,
                   batch_size=32, learning_rate=1e-2)

@@ -58,7 +58,7 @@ GAP = 18 * DAY_SECONDS  # between two deliveries
 # the validation RMSE is noisy from one iteration to the next.
 MODEL_PARAMS = ModelParams(n_factors=4, lambda_u=5.0, lambda_v=5.0, embedding_dim=16, n_filters=8, hidden_dim=16,
                            max_iterations=150, patience=5, warm_start_patience=4, cnn_epochs_per_iteration=1,
-                           device="cpu")
+                           device="cpu", posterior_samples=10, burn_in=5)
 CATALOGUE = SyntheticConfig(n_users=200, n_items=80, n_topics=4, ratings_per_user=40, words_per_description=20,
                             words_per_topic=10, n_filler_words=20, share_without_text=0.0, share_unrated=0.0,
                             time_span_days=100, seed=3)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from convmf_core.config import GibbsConfig
 from convmf_core.data import IdMap
 from convmf_core.models.base import NotFittedError
 from convmf_core.models.convmf import ConvMF
@@ -28,8 +29,9 @@ ENCODER_KINDS = ["convmf-glove", "convmf-cnn"]
 def models(fitted, convmf_config, catalogue, split) -> dict:
     """The session's fitted models and one ConvMF per other encoder set-up (fitted with the vocabulary)."""
     out = {kind: f.model for kind, f in fitted.items()}
-    for kind, config in (("convmf-glove", replace(convmf_config, encoder="linear")),
-                         ("convmf-cnn", replace(convmf_config, encoder="cnn", word_vectors=None))):
+    point = replace(convmf_config, als=replace(convmf_config.als, gibbs=GibbsConfig(samples=0)))
+    for kind, config in (("convmf-glove", replace(point, encoder="linear")),
+                         ("convmf-cnn", replace(point, encoder="cnn", word_vectors=None))):
         out[kind] = ConvMF(config).fit(split.train, split.validation, documents=catalogue.documents,
                                        vocabulary=catalogue.vocabulary)
     return out

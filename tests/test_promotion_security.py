@@ -44,7 +44,7 @@ DATA = DataParams(builtin_users=80, builtin_items=60)
 # Tomorrow's data: more users (some unknown to yesterday's champion), a new split.
 NEW_DATA = DataParams(builtin_users=90, builtin_items=60, builtin_seed=1)
 TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, max_iterations=4,
-                   cnn_epochs_per_iteration=1, device="cpu")
+                   cnn_epochs_per_iteration=1, device="cpu", posterior_samples=10, burn_in=5)
 WEAK = TINY.model_copy(update={"max_iterations": 1})
 
 
@@ -161,7 +161,8 @@ def test_model_no_better_than_the_global_mean_is_never_champion(prefect_harness:
         model_name="noise", model=overfit, storage=storage,
         data=DataParams(source="files", ratings_path=str(ratings), items_path=str(items))))
     d = result.decision
-    assert d.baseline_value is not None and result.trained.best_validation_rmse >= d.baseline_value
+    # On noise the fit falls back to the global mean (ALSConfig.fallback): level with it up to float32 rounding.
+    assert d.baseline_value is not None and result.trained.best_validation_rmse >= d.baseline_value - 1e-6
     assert not d.promoted and "no better than the global-mean predictor's" in d.reason
     use_tracking_uri(storage.resolved_tracking_uri())
     assert get_alias_version("noise", CHAMPION_ALIAS) is None  # not even as the first version ever

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecat
 RUN_DATE = dt.date(2026, 1, 2)
 DATA = DataParams(builtin_users=80, builtin_items=60)
 TINY = ModelParams(n_factors=4, embedding_dim=16, n_filters=8, hidden_dim=16, max_iterations=3,
-                   cnn_epochs_per_iteration=1, device="cpu")
+                   cnn_epochs_per_iteration=1, device="cpu", posterior_samples=10, burn_in=5)
 # Slow enough per iteration (many small CNN batches, ~0.5 s) that a poll sees the checkpoint between iterations,
 # with no early stop before max_iterations.
 SLOW = TINY.model_copy(update={"max_iterations": 6, "patience": 50, "cnn_epochs_per_iteration": 20,

@@ -153,7 +153,7 @@ def test_a_known_users_new_ratings_add_to_what_the_model_knows(champion: Champio
                                                 "item_id": champion.item_map.to_raw(fresh), "rating": values,
                                                 "n": [10, 10]}))
     model = champion.model
-    previous = UserFactors(model.user_factors_[[user]], model.user_bias_[[user]])
+    previous = UserFactors.of_model(model, np.array([user]))  # every posterior draw's u_i
     history = Ratings(np.zeros(len(trained)), trained, np.ones(len(trained)), 1, len(champion.item_map)).csr()
     folded = fold_in_users(ItemSide.of(model), Ratings(np.zeros(2), fresh, values, 1, len(champion.item_map)),
                            previous=previous, history=history)
@@ -180,7 +180,7 @@ def test_new_items_are_scored_from_their_text(champion: Champion) -> None:
     top = champion.served.predict(frame)
     assert set(new_ids) <= set(top["item_id"])
     new = embed_new_items(model, descriptions, champion.vocabulary)
-    users = UserFactors(model.user_factors_[[0]], model.user_bias_[[0]])
+    users = UserFactors.of_model(model, np.array([0]))
     want_items, want_scores = _expected_top(champion, users, [_trained_items(champion, 0).tolist()], n_items + 2,
                                             new.scoring_rows())
     raw = np.concatenate([champion.item_map.raw_ids.astype(object), np.array(new_ids, dtype=object)])

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from convmf_core.config import ALSConfig, ConvMFConfig, TextConfig
+from convmf_core.config import ALSConfig, ConvMFConfig, GibbsConfig, TextConfig
 from convmf_core.data import Ratings, random_split
 from convmf_core.linear_encoder import DocumentFeatures, fit_ridge_map, inverse_document_frequency
 from convmf_core.models.convmf import ConvMF
 from convmf_core.synthetic import SyntheticConfig
 from convmf_core.text import Documents, build_vocabulary, encode_documents
 
-FAST_ALS = ALSConfig(n_factors=4, lambda_u=1.0, lambda_v=10.0, max_iterations=10, patience=3)
+POINT = GibbsConfig(samples=0)  # the ALS point estimate (posterior averaging: tests/test_gibbs.py)
+FAST_ALS = ALSConfig(n_factors=4, lambda_u=1.0, lambda_v=10.0, max_iterations=10, patience=3, gibbs=POINT)
 
 
 # ----- the closed form (eq. 9') --------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def planted() -> tuple[Ratings, list[str], np.ndarray, np.ndarray]:
 def _fit_linear(ratings: Ratings, texts: list[str], **config) -> tuple[ConvMF, object]:
     vocabulary = build_vocabulary(texts, TextConfig(max_df=1.0))
     split = random_split(ratings, seed=0)
-    model = ConvMF(ConvMFConfig(als=ALSConfig(n_factors=4), encoder="linear", device="cpu", **config))
+    als = ALSConfig(n_factors=4, lambda_u=10.0, lambda_v=30.0, gibbs=POINT)
+    model = ConvMF(ConvMFConfig(als=als, encoder="linear", device="cpu", **config))
     return model.fit(split.train, split.validation, documents=encode_documents(texts, vocabulary),
                      vocabulary=vocabulary), vocabulary
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from convmf_core.config import ALSConfig, ConvMFConfig, PMFConfig, RefitPolicy, TextConfig
+from convmf_core.config import ALSConfig, ConvMFConfig, GibbsConfig, PMFConfig, RefitPolicy, TextConfig
 from convmf_core.data import DAY_SECONDS, IdMap, Ratings, Split, ratings_from_frame, time_split
 from convmf_core.models.als_mf import PMF, load_checkpoint
 from convmf_core.models.base import ModelFitError
@@ -77,7 +77,7 @@ def base_config(convmf_config: ConvMFConfig) -> ConvMFConfig:
     """The scenario's settings; no pretrained vectors (the fits get no vocabulary: the linear encoder reads tf-idf SVD
     features, the CNN starts at random)."""
     als = replace(convmf_config.als, max_iterations=40, patience=4, warm_start_max_iterations=10,
-                  warm_start_patience=2)
+                  warm_start_patience=2, gibbs=GibbsConfig(samples=0))  # the ALS point estimate
     return replace(convmf_config, als=als, word_vectors=None)
 
 
@@ -173,7 +173,7 @@ def test_new_users_are_solved_by_eq7_and_new_items_start_from_the_previous_encod
     has_text = torch.as_tensor(docs.has_text())
     v0 = torch.where(has_text.unsqueeze(1), theta, torch.zeros_like(theta))  # new items with text start at theta
     v0 = ws.initial(ws.item_source, ws.item_factors, v0)
-    c0 = ws.initial(ws.item_source, ws.item_bias, torch.zeros(len(nightly.items)))
+    c0 = ws.initial(ws.item_source, ws.item_bias, torch.where(has_text, prior[:, k], 0.0))  # new items: theta_j^c
     als, mu = cfg.als, train.mean()
     csr = train.csr()
     for u in new_users:  # eq. 7 with the bias column: [u_i, b_i] = (Y^T Y + diag(lambda))^-1 Y^T (r - mu - c)
@@ -194,9 +194,7 @@ def test_new_users_are_solved_by_eq7_and_new_items_start_from_the_previous_encod
     assert np.isfinite(warm.score(np.arange(len(nightly.users)))).all()
 
 
-@pytest.mark.parametrize("config", [pytest.param("linear", marks=pytest.mark.xfail(
-    strict=True, reason="the linear encoder's warm start starts new items at random (ConvMF._start_at_prior is False "
-                        "for it), not at the previous map's theta_j: see the report")), "cnn"], indirect=True)
+@pytest.mark.parametrize("config", ["linear", "cnn"], indirect=True)
 def test_a_new_rated_item_starts_from_the_previous_encoder(catalogue, config: ConvMFConfig) -> None:
     """A new item with text and ratings starts at v_j = theta_j of the previous encoder: the first user step (eq. 7,
     before anything else moves) solves its raters against it."""
@@ -212,9 +210,10 @@ def test_a_new_rated_item_starts_from_the_previous_encoder(catalogue, config: Co
 
     docs = encode_documents(nightly.texts, nightly.prev_vocab)
     k, als, mu = config.als.n_factors, cfg.als, train.mean()
-    theta = previous.embed_items(docs)[:, :k]
-    v0 = ws.initial(ws.item_source, ws.item_factors, theta)  # known items: their factors; new ones: theta_j
-    c0 = ws.initial(ws.item_source, ws.item_bias, torch.zeros(len(nightly.items)))
+    prior = previous.embed_items(docs)
+    v0 = ws.initial(ws.item_source, ws.item_factors, prior[:, :k])  # known items: their factors; new ones: theta_j
+    fresh_bias = prior[:, k] if prior.shape[1] > k else torch.zeros(len(nightly.items))  # ... and theta_j^c
+    c0 = ws.initial(ws.item_source, ws.item_bias, fresh_bias)
     csr = train.csr()
     raters = [u for u in range(train.n_users) if np.isin(csr.row(u)[0], new_rated).any()]
     assert len(raters) >= 3
@@ -241,7 +240,7 @@ def test_warm_started_cnn_continues_the_decayed_learning_rate(nightly: Nightly, 
 
 
 def test_warm_start_maps_known_ids_and_marks_new_ones() -> None:
-    prev = PMF(PMFConfig(als=ALSConfig(n_factors=2, max_iterations=2), device="cpu"))
+    prev = PMF(PMFConfig(als=ALSConfig(n_factors=2, max_iterations=2, gibbs=GibbsConfig(samples=0)), device="cpu"))
     prev.fit(Ratings(np.array([0, 1, 2, 2]), np.array([0, 1, 0, 1]), np.array([3.0, 4.0, 5.0, 1.0]), 3, 2))
     prev_users, prev_items = IdMap(np.array([10, 20, 30])), IdMap(np.array([7, 8]))
     # today: a new user "15" between known ones, ids as strings (as read back from Parquet), a new item "9"
@@ -289,17 +288,22 @@ def test_mismatches_are_clear_errors(nightly: Nightly, config: ConvMFConfig, pre
                 train, val, documents=docs, vocabulary_size=len(nightly.prev_vocab), warm_start=ws)
 
 
-@pytest.mark.xfail(strict=True, reason="ConvMF._warm_encoder does not compare the saved encoder's output width with "
-                                       "k + bias channel: the CNN fails inside training with a RuntimeError, the "
-                                       "linear encoder carries on: see the report")
 def test_a_change_of_the_bias_channel_is_a_clear_error(nightly: Nightly, config: ConvMFConfig,
                                                        previous: ConvMF) -> None:
     assert previous.bias_channel
     ws = warm_start_from(previous, nightly.prev_users, nightly.prev_items, nightly.users, nightly.items)
     docs = encode_documents(nightly.texts, nightly.prev_vocab)
-    with pytest.raises(ModelFitError, match="bias"):
-        ConvMF(replace(config, bias_prior=False)).fit(nightly.split.train, nightly.split.validation, documents=docs,
-                                                      vocabulary_size=len(nightly.prev_vocab), warm_start=ws)
+    for changed in (replace(config, bias_prior=False), replace(config, als=replace(config.als, use_bias=False))):
+        with pytest.raises(ModelFitError, match="bias channel"):
+            ConvMF(changed).fit(nightly.split.train, nightly.split.validation, documents=docs,
+                                vocabulary_size=len(nightly.prev_vocab), warm_start=ws)
+    # and the other way round: a model without the channel cannot warm-start one with it
+    plain = ConvMF(replace(config, bias_prior=False, als=replace(config.als, max_iterations=2))).fit(
+        nightly.prev_train, documents=nightly.prev_docs, vocabulary_size=len(nightly.prev_vocab))
+    ws = warm_start_from(plain, nightly.prev_users, nightly.prev_items, nightly.users, nightly.items)
+    with pytest.raises(ModelFitError, match="bias channel"):
+        ConvMF(config).fit(nightly.split.train, nightly.split.validation, documents=docs,
+                           vocabulary_size=len(nightly.prev_vocab), warm_start=ws)
 
 
 def test_warm_start_from_a_saved_bundle_gives_the_same_fit(nightly: Nightly, config: ConvMFConfig,

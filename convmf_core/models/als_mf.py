@@ -315,10 +315,13 @@ class ALSFactorModel(Recommender):
         U = torch.randn(problem.n_users, k, generator=generator).to(device) * scale
         theta = self._init_prior(problem.n_items, device, generator)
         V = torch.randn(problem.n_items, k, generator=generator).to(device) * scale
-        if theta is not None and self._start_at_prior():
+        bu, bi = torch.zeros(problem.n_users, device=device), torch.zeros(problem.n_items, device=device)
+        # a warm start's encoder is fitted: new items start at its prior whatever the encoder
+        if theta is not None and (self._start_at_prior() or warm_start is not None):
             mask, k_theta = self._prior_mask(), theta[:, :k]
             V = torch.where(mask.unsqueeze(1), k_theta, V) if mask is not None else k_theta.clone()
-        bu, bi = torch.zeros(problem.n_users, device=device), torch.zeros(problem.n_items, device=device)
+            if theta.shape[1] > k and warm_start is not None:  # ... and at the bias channel's c_j
+                bi = torch.where(mask, theta[:, k], bi) if mask is not None else theta[:, k].clone()
         if warm_start is not None:
             ws = warm_start
             U, bu = ws.initial(ws.user_source, ws.user_factors, U), ws.initial(ws.user_source, ws.user_bias, bu)
