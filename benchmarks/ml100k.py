@@ -140,11 +140,23 @@ def tune_pmf(data: BenchmarkData) -> dict[str, Any]:
     return best[1]
 
 
-def random_cold_recall(data: BenchmarkData, draws: int = 10) -> float:
-    """Mean cold Recall@20 of random orders of the cold items."""
+def _random_child(data: BenchmarkData, draws: int, queue: Any) -> None:
     split = data.split
-    return float(np.mean([evaluate(RandomOrder(split.train.n_users, split.train.n_items, s), split.train, split.test,
-                                   n=20, cold_items=data.cold_items)["cold_recall@20"] for s in range(draws)]))
+    queue.put(float(np.mean([evaluate(RandomOrder(split.train.n_users, split.train.n_items, s), split.train,
+                                      split.test, n=20, cold_items=data.cold_items)["cold_recall@20"]
+                             for s in range(draws)])))
+
+
+def random_cold_recall(data: BenchmarkData, draws: int = 10) -> float:
+    """Mean cold Recall@20 of random orders of the cold items (in a forked child: torch must not start its thread
+    pool in this process, or the later forked fits deadlock)."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_random_child, args=(data, draws, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
