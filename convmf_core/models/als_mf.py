@@ -273,7 +273,7 @@ class ALSFactorModel(Recommender):
     def _fall_back_if_worse(self, problem: "_ALSProblem", validation: Ratings) -> None:
         """On a catalogue too small for the model: if the fitted model's validation RMSE is worse than biases alone
         or the global mean, keep the better of those (factors set to 0) and say so in ``fallback_``."""
-        if not self.config_allows_fallback():
+        if not self.als.fallback:
             return
         model_rmse = self._rmse(validation)
         mean_rmse = float(np.sqrt(np.mean((validation.values - self.global_mean_) ** 2)))
@@ -290,10 +290,6 @@ class ALSFactorModel(Recommender):
         self.samples_ = None
         self._set_fitted(torch.zeros_like(self.user_factors_), torch.zeros_like(self.item_factors_), cu, ci)
         self.validation_rmse_ = rmse
-
-    def config_allows_fallback(self) -> bool:
-        """Whether :meth:`_fall_back_if_worse` may replace the fitted model (``ALSConfig.fallback``)."""
-        return self.als.fallback
 
     def _rmse(self, ratings: Ratings) -> float:
         pred = self.predict(ratings.users, ratings.items)
@@ -451,7 +447,7 @@ class _ALSProblem:
         if self.use_bias:
             self.reg_u[self.k] = cfg.lambda_bias
             self.reg_v[:, self.k] = cfg.lambda_bias
-        self.mu_device = device
+        self.device = device
         self.ones_n = torch.ones(self.n_users, 1, device=device)
         self.ones_m = torch.ones(self.n_items, 1, device=device)
 
@@ -466,17 +462,21 @@ class _ALSProblem:
             other.reg_v[:, self.k] = lambda_bias
         return other
 
-    def residual_variance(self, f: _Factors) -> float:
-        """Mean squared training residual of the current factors (the Gibbs sampler's plug-in sigma^2)."""
+    def train_predictions(self, f: _Factors) -> torch.Tensor:
+        """mu + b_i + c_j + u_i^T v_j for every training rating."""
         pred = (f.U[self.users] * f.V[self.items]).sum(1) + self.mu
         if self.use_bias:
             pred = pred + f.bu[self.users] + f.bi[self.items]
-        return float(((self.values - pred) ** 2).mean())
+        return pred
+
+    def residual_variance(self, f: _Factors) -> float:
+        """Mean squared training residual of the current factors (the Gibbs sampler's plug-in sigma^2)."""
+        return float(((self.values - self.train_predictions(f)) ** 2).mean())
 
     def fit_biases(self, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """mu + b_i + c_j alone (no factors), by alternating ridge solves: the fallback of a tiny catalogue."""
-        bu, bi = torch.zeros(self.n_users, device=self.mu_device), torch.zeros(self.n_items, device=self.mu_device)
-        lam = torch.full((1,), self.cfg.lambda_bias, device=self.mu_device)
+        bu, bi = torch.zeros(self.n_users, device=self.device), torch.zeros(self.n_items, device=self.device)
+        lam = torch.full((1,), self.cfg.lambda_bias, device=self.device)
         for _ in range(iterations):
             rows = self.user_rows
             bu = solve_ridge(rows.with_values(rows.values - self.mu - bi[rows.indices]), self.ones_m, lam)[:, 0]
@@ -520,9 +520,7 @@ class _ALSProblem:
     def loss(self, f: _Factors, prior: torch.Tensor | None) -> float:
         """The objective L of the module docstring per training rating (explicit-rating form)."""
         cfg = self.cfg
-        pred = (f.U[self.users] * f.V[self.items]).sum(1) + self.mu
-        if self.use_bias:
-            pred = pred + f.bu[self.users] + f.bi[self.items]
+        pred = self.train_predictions(f)
         diff = f.V if prior is None else f.V - prior[:, :self.k]
         loss = (0.5 * ((self.values - pred) ** 2).sum() + 0.5 * cfg.lambda_u * (f.U ** 2).sum()
                 + 0.5 * cfg.lambda_v * (self.item_weight.unsqueeze(1) * diff ** 2).sum())
