@@ -35,6 +35,8 @@ from tasks.tokenize import TokenizedData
 from tasks.tracking import RunRef, with_retries
 from tasks.warm_start import WarmStartPlan
 
+GIBBS_LOG_EVERY = 25  # posterior-averaging sweeps between two log lines (MLflow gets every sweep)
+
 
 @dataclass(frozen=True)
 class SplitSpec:
@@ -343,8 +345,11 @@ def train_convmf(ingested: IngestedData, tokenized: TokenizedData, config: ConvM
     def report(r: IterationReport) -> None:
         rmse = "n/a" if r.validation_rmse is None else f"{r.validation_rmse:.4f}"
         if "gibbs_sweep" in r.extra:  # a Gibbs sweep of posterior averaging (no train loss; no RMSE in burn-in)
-            logger.info("Gibbs sweep %d (%d kept): validation RMSE of the average %s, %.2f s",
-                        int(r.extra["gibbs_sweep"]), int(r.extra.get("gibbs_kept", 0)), rmse, r.seconds)
+            sweep, gibbs = int(r.extra["gibbs_sweep"]), config.als.gibbs
+            sweeps = gibbs.samples + (gibbs.warm_start_burn_in if warm_start is not None else gibbs.burn_in)
+            if sweep % GIBBS_LOG_EVERY == 0 or sweep == sweeps:  # every sweep goes to MLflow, every 25th to the log
+                logger.info("Gibbs sweep %d of %d (%d kept): validation RMSE of the average %s, %.2f s", sweep, sweeps,
+                            int(r.extra.get("gibbs_kept", 0)), rmse, r.seconds)
             log_sweep(r)
             return
         logger.info("iteration %d: train loss %.4f, validation RMSE %s, %.2f s", r.iteration, r.train_loss, rmse,
