@@ -9,6 +9,7 @@ benchmark's start-up, shutdown and malformed-body list are tested here too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,12 @@ from mlflow.pyfunc import PyFuncModel
 
 from benchmarks.serve_load import (Server, invoke, live_group_members, malformed_bodies, request, start_server,
                                    stop_server, valid_bodies)
+from convmf_core.config import GibbsConfig
 from convmf_core.data import IdMap, Ratings
 from convmf_core.foldin import ItemSide, UserFactors, embed_new_items, fold_in_users
 from convmf_core.models.convmf import ConvMF
 from convmf_core.persistence import save_model
-from convmf_core.text import Vocabulary
+from convmf_core.text import Vocabulary, encode_documents
 from convmf_core.topn import top_n
 from tasks.pyfunc import ConvMFPyfunc
 from tasks.registry import log_model_version
@@ -342,3 +344,40 @@ def test_other_model_kinds_and_string_ids(fitted: dict, catalogue, tmp_path: Pat
     assert "item-new" in set(listed["item_id"]) and set(listed["user_id"]) == {"u0"}
     numeric = pd.DataFrame({"user_id": [7, 7], "item_id": ["item-1", "item-2"], "rating": [5.0, 4.0]})
     assert set(convmf.predict(None, numeric)["user_id"]) == {"7"}
+
+
+@pytest.mark.parametrize("encoder", ["linear", "cnn"])
+def test_the_served_model_of_either_encoder_folds_in_users_and_reads_new_descriptions(
+        encoder: str, catalogue, split, convmf_config, tmp_path: Path) -> None:
+    """Either text encoder, with posterior averaging, served through the pyfunc: a new user's list is the per-draw
+    eq. 7 fold-in scored against the stacked model, and a new item's prediction is mu + the mean over draws of
+    [u, b, 1] . [theta, 1, theta^c]."""
+    config = dataclasses.replace(convmf_config, encoder=encoder, word_vectors=None,
+                                 als=dataclasses.replace(convmf_config.als, gibbs=GibbsConfig(samples=4, burn_in=2),
+                                                         fallback=False))  # the draws must be kept, however tiny
+    model = ConvMF(config).fit(split.train, split.validation, documents=catalogue.documents,
+                               vocabulary=catalogue.vocabulary)
+    assert model.samples_ is not None and model.samples_.n_samples == 4
+    served = _pyfunc(save_model(model, tmp_path / encoder, vocabulary=catalogue.vocabulary,
+                                user_map=catalogue.user_map, item_map=catalogue.item_map))
+    items = np.array([1, 2, 3])
+    ratings = np.array([5.0, 1.0, 4.0], dtype=np.float32)
+    top = served.predict(None, pd.DataFrame({"user_id": [10**6] * 3,
+                                             "item_id": catalogue.item_map.to_raw(items), "rating": ratings}))
+    folded = fold_in_users(ItemSide.of(model), Ratings(np.zeros(3), items, ratings, 1, len(catalogue.item_map)))
+    assert folded.factor_samples.shape == (4, 1, config.als.n_factors)
+    sf = model.scoring_factors()
+    want = top_n(folded.scoring_rows(), sf.item, np.array([0]), 10, offset=sf.offset,
+                 exclude=Ratings(np.zeros(3), items, np.ones(3), 1, len(catalogue.item_map)).csr())
+    assert top["item_id"].tolist() == catalogue.item_map.to_raw(want.items[0]).tolist()
+    # A new item described in the request: scored from its text through the encoder (and the bias channel).
+    user = catalogue.user_map.raw_ids[0]
+    text = catalogue.texts[5]
+    rated = served.predict(None, pd.DataFrame({"user_id": [user, None], "item_id": [9999, 9999],
+                                               "description": [None, text]}))
+    prior = model.embed_items(encode_documents([text], catalogue.vocabulary))[0]
+    k = config.als.n_factors
+    samples = model.samples_
+    per_draw = (samples.user[:, 0] @ prior[:k]) + samples.user_bias[:, 0] + prior[k]
+    want_rating = float(np.clip(model.global_mean_ + per_draw.mean().item(), *model.rating_range_))
+    assert rated["prediction"].iloc[0] == pytest.approx(want_rating, rel=1e-5)
