@@ -115,7 +115,8 @@ class DocumentFeatures:
         m = torch.sparse_coo_tensor(torch.stack([doc, ids]), weight, (len(documents), self.idf.shape[0]),
                                 check_invariants=False).coalesce()
         norms = torch.zeros(len(documents)).index_add_(0, m.indices()[0], m.values() ** 2).sqrt().clamp_min(1e-12)
-        return torch.sparse_coo_tensor(m.indices(), m.values() / norms[m.indices()[0]], m.shape).coalesce()
+        return torch.sparse_coo_tensor(m.indices(), m.values() / norms[m.indices()[0]], m.shape,
+                                       check_invariants=False).coalesce()
 
     def raw(self, documents: Documents) -> torch.Tensor:
         """Unstandardised features (n_docs x n_features); zeros for documents with no word."""
