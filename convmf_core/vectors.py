@@ -56,7 +56,8 @@ class VectorCoverage:
     """How many words of a vocabulary had a pretrained vector.
 
     ``found`` counts every word with a vector; ``found_lowercased`` is the part of it matched only case-insensitively
-    (not by the exact word). ``oov_examples`` holds up to 10 words without a vector in vocabulary order (the most
+    (not by the exact word); ``found_by_stem`` the part matched through the word before its apostrophe ("father's"
+    -> "father": GloVe's tokenizer splits the possessive off, the project's keeps it). ``oov_examples`` holds up to 10 words without a vector in vocabulary order (the most
     important first). ``oov_share`` is ``oov / n_words`` (0.0 for an empty vocabulary).
     """
 
@@ -67,6 +68,7 @@ class VectorCoverage:
     oov_share: float
     oov_examples: tuple[str, ...]
     source: str
+    found_by_stem: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields (``oov_examples`` as a list)."""
@@ -80,6 +82,8 @@ class VectorCoverage:
         line = f"{self.source} covers {self.found:,} of {self.n_words:,} words ({share:.1%})"
         if self.found_lowercased:
             line += f", {self.found_lowercased:,} of them only case-insensitively"
+        if self.found_by_stem:
+            line += f", {self.found_by_stem:,} through the word before the apostrophe"
         if self.oov:
             examples = ", ".join(repr(w) for w in self.oov_examples)
             line += f"; {self.oov:,} out of vocabulary, e.g. {examples}"
@@ -187,6 +191,13 @@ class WordVectors:
             if row is not None:
                 rows[i] = row
                 by_case[i] = True
+        by_stem = np.zeros(n, dtype=bool)
+        for i in np.flatnonzero(rows < 0).tolist():  # "father's", "o'clock": the part before the apostrophe
+            stem = words[i].lower().split("'", 1)[0]
+            row = index.get(stem) if stem and stem != words[i].lower() else None
+            if row is not None:
+                rows[i] = row
+                by_stem[i] = True
         hit = rows >= 0
 
         rng = np.random.default_rng(seed)
@@ -205,6 +216,7 @@ class WordVectors:
             n_words=n,
             found=n_found,
             found_lowercased=int(by_case.sum()),
+            found_by_stem=int(by_stem.sum()),
             oov=oov,
             oov_share=oov / n if n else 0.0,
             oov_examples=tuple(str(words[i]) for i in missing),

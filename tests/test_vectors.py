@@ -189,3 +189,15 @@ def test_import_loads_nothing_and_missing_package_message() -> None:
         "    raise AssertionError('no ImportError')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_possessives_take_the_vector_of_the_word_before_the_apostrophe() -> None:
+    """The tokenizer keeps "father's" whole, GloVe splits the possessive off: the stem's vector is used, and counted;
+    a word GloVe has with its apostrophe ("o'clock") keeps its own vector."""
+    glove = glove_6b_50d()
+    matrix, found, coverage = glove.for_vocabulary(Vocabulary(("father's", "o'clock", "zzqxv's", "king")))
+    np.testing.assert_array_equal(matrix[1], glove.vector("father"))
+    np.testing.assert_array_equal(matrix[2], glove.vector("o'clock"))
+    assert found.tolist() == [False, True, True, False, True]  # "zzqxv" has no vector either
+    assert (coverage.found, coverage.found_by_stem, coverage.oov) == (3, 1, 1)
+    assert "1 through the word before the apostrophe" in coverage.summary()
