@@ -102,8 +102,6 @@ def solve_ridge(rows: SparseRows, other: torch.Tensor, reg: torch.Tensor, prior:
     for lo in range(0, n, block_rows):
         hi = min(n, lo + block_rows)
         B = hi - lo
-        gram = torch.zeros((B, d, d), device=device, dtype=dtype)
-        rhs = torch.zeros((B, d), device=device, dtype=dtype)
         start, stop = int(indptr[lo]), int(indptr[hi])
         if stop > start and outer is not None:
             crow, cols = indptr[lo:hi + 1] - start, rows.indices[start:stop]
@@ -115,7 +113,10 @@ def solve_ridge(rows: SparseRows, other: torch.Tensor, reg: torch.Tensor, prior:
                                                  check_invariants=False)
             gram = (pattern @ outer).reshape(B, d, d)  # sum_j y_j y_j^T = Y_i^T Y_i
             rhs = values @ other  # sum_j r_ij y_j = Y_i^T r_i
-        elif stop > start:
+        else:
+            gram = torch.zeros((B, d, d), device=device, dtype=dtype)
+            rhs = torch.zeros((B, d), device=device, dtype=dtype)
+        if stop > start and outer is None:
             local = torch.repeat_interleave(torch.arange(B, device=device), indptr[lo + 1:hi + 1] - indptr[lo:hi])
             for c0 in range(start, stop, max_chunk_entries):
                 c1 = min(stop, c0 + max_chunk_entries)

@@ -60,10 +60,13 @@ def test_solve_ridge_matches_reference(problem: dict, case: str) -> None:
     # float32 (what the models use) agrees to single precision
     got32 = _solve(problem, reg, prior, dtype=torch.float32, confidence=c["confidence"])
     np.testing.assert_allclose(got32, expected, rtol=1e-4, atol=1e-4)
-    # small blocks and chunks (a chunk boundary inside a row, a block boundary inside the data) change nothing
-    chunked = _solve(problem, reg, prior, confidence=c["confidence"], block_rows=4, max_chunk_entries=3)
+    # the scatter-add path (used when the table of outer products does not fit, and on CUDA), with small blocks and
+    # chunks (a chunk boundary inside a row, a block boundary inside the data), agrees with the sparse product
+    chunked = _solve(problem, reg, prior, confidence=c["confidence"], block_rows=4, max_chunk_entries=3,
+                     outer_table_floats=0)
     np.testing.assert_allclose(chunked, expected, rtol=1e-9, atol=1e-9)
-    single = _solve(problem, reg, prior, confidence=c["confidence"], block_rows=1, max_chunk_entries=1)
+    single = _solve(problem, reg, prior, confidence=c["confidence"], block_rows=1, max_chunk_entries=1,
+                    outer_table_floats=0)
     np.testing.assert_allclose(single, expected, rtol=1e-9, atol=1e-9)
 
 
