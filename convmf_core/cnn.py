@@ -247,5 +247,3 @@ class CNNEncoder(TextEncoder):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("cnn.")})
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])

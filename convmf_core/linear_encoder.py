@@ -25,7 +25,6 @@ millisecond on ML-100K.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -34,9 +33,6 @@ import torch
 from convmf_core.config import LinearEncoderConfig
 from convmf_core.encoders import TextEncoder, heldout_split, r2_scores
 from convmf_core.text import Documents
-
-logger = logging.getLogger("convmf_core.linear_encoder")
-
 
 def inverse_document_frequency(documents: Documents, n_words: int) -> torch.Tensor:
     """idf(w) = ln((1 + N) / (1 + df(w))) + 1 for word ids 0..n_words (N = documents with text; id 0 unused)."""
@@ -82,7 +78,8 @@ class DocumentFeatures:
                     torch.manual_seed(seed)
                     _, _, basis = torch.svd_lowrank(rows, q=q, niter=4)
         out = cls(wm, found, idf, basis)
-        x, valid = out.raw(documents), out._valid(documents).float()
+        x, valid = out._raw_and_valid(documents)
+        valid = valid.float()
         count = valid.sum(0)
         out.mean = (x * valid).sum(0) / count.clamp_min(1.0)  # 0 for a column no document informs
         var = (((x - out.mean) * valid) ** 2).sum(0) / (count - 1.0).clamp_min(1.0)
@@ -95,20 +92,6 @@ class DocumentFeatures:
         return (0 if self.word_matrix is None else int(self.word_matrix.shape[1])) + \
             (0 if self.svd_basis is None else int(self.svd_basis.shape[1]))
 
-    def _valid(self, documents: Documents) -> torch.Tensor:
-        """(n_docs x n_features) bool: where a document's feature carries information. Word-vector columns: the
-        document has a word with a vector; SVD columns: the document has text."""
-        has_text = torch.as_tensor(documents.has_text())
-        parts = []
-        if self.word_matrix is not None:
-            doc = torch.as_tensor(np.repeat(np.arange(len(documents)), documents.lengths()))
-            found = self.word_found[torch.as_tensor(documents.ids)].float()
-            hits = torch.zeros(len(documents)).index_add_(0, doc, found)
-            parts.append((hits > 0).unsqueeze(1).expand(-1, self.word_matrix.shape[1]))
-        if self.svd_basis is not None:
-            parts.append(has_text.unsqueeze(1).expand(-1, self.svd_basis.shape[1]))
-        return torch.cat(parts, 1) if parts else torch.zeros(len(documents), 0, dtype=torch.bool)
-
     def _tfidf_rows(self, documents: Documents) -> torch.Tensor:
         """The L2-normalised tf-idf rows as a sparse (n_docs x n_words + 1) tensor."""
         doc, ids, weight = _token_weights(documents, self.idf)
@@ -118,25 +101,36 @@ class DocumentFeatures:
         return torch.sparse_coo_tensor(m.indices(), m.values() / norms[m.indices()[0]], m.shape,
                                        check_invariants=False).coalesce()
 
-    def raw(self, documents: Documents) -> torch.Tensor:
-        """Unstandardised features (n_docs x n_features); zeros for documents with no word."""
-        parts = []
+    def _raw_and_valid(self, documents: Documents) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unstandardised features (n_docs x n_features; zeros for documents with no word) and where each carries
+        information (bool): word-vector columns where the document has a word with a vector, SVD columns where it
+        has text."""
+        parts, valid = [], []
         if self.word_matrix is not None:
             doc, ids, weight = _token_weights(documents, self.idf)
             weight = weight * self.word_found[ids]  # words without a vector do not count
-            total = torch.zeros(len(documents)).index_add_(0, doc, weight).clamp_min(1e-12)
+            total = torch.zeros(len(documents)).index_add_(0, doc, weight)
             summed = torch.zeros(len(documents), self.word_matrix.shape[1]).index_add_(
                 0, doc, weight.unsqueeze(1) * self.word_matrix[ids])
-            parts.append(summed / total.unsqueeze(1))  # x_j: the tf-idf-weighted mean vector
+            parts.append(summed / total.clamp_min(1e-12).unsqueeze(1))  # x_j: the tf-idf-weighted mean vector
+            valid.append((total > 0).unsqueeze(1).expand(-1, self.word_matrix.shape[1]))
         if self.svd_basis is not None:
             parts.append(torch.sparse.mm(self._tfidf_rows(documents), self.svd_basis))
-        return torch.cat(parts, 1) if parts else torch.zeros(len(documents), 0)
+            has_text = torch.as_tensor(documents.has_text())
+            valid.append(has_text.unsqueeze(1).expand(-1, self.svd_basis.shape[1]))
+        if not parts:
+            return torch.zeros(len(documents), 0), torch.zeros(len(documents), 0, dtype=torch.bool)
+        return torch.cat(parts, 1), torch.cat(valid, 1)
+
+    def raw(self, documents: Documents) -> torch.Tensor:
+        """Unstandardised features (n_docs x n_features); zeros for documents with no word."""
+        return self._raw_and_valid(documents)[0]
 
     def __call__(self, documents: Documents) -> torch.Tensor:
         """Standardised features: zero rows for documents with no word, zero word-vector columns for documents with
         no word that has a vector (module docstring)."""
-        x = (self.raw(documents) - self.mean) / self.scale
-        return x * self._valid(documents)
+        x, valid = self._raw_and_valid(documents)
+        return (x - self.mean) / self.scale * valid
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors by name (absent parts left out)."""
@@ -178,11 +172,10 @@ class LinearEncoder(TextEncoder):
                  config: LinearEncoderConfig, device: torch.device | str = "cpu") -> None:
         self.features, self.config = features, config
         self.n_factors, self.output_dim = n_factors, n_factors + int(bias_channel)
-        output_dim = self.output_dim
         self.device = torch.device(device)
         self._x = None if documents is None else features(documents)  # training documents' features
-        self.weight = torch.zeros(features.n_features, output_dim)
-        self.intercept = torch.zeros(output_dim)
+        self.weight = torch.zeros(features.n_features, self.output_dim)
+        self.intercept = torch.zeros(self.output_dim)
 
     def fit(self, targets: torch.Tensor, items: np.ndarray, weights: torch.Tensor | None,
             generator: torch.Generator, epochs: int | None, step: int) -> dict[str, float]:

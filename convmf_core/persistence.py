@@ -191,7 +191,6 @@ def load_model(directory: str | Path, *, device: str = "cpu") -> ModelBundle:
             model.encoder_ = encoder_from_state(encoder_state, config, model.vocabulary_size_, None, device)
         except (RuntimeError, KeyError) as exc:
             raise BundleError(f"{directory}: the text encoder's weights do not match its configuration: {exc}") from exc
-        model._device = torch.device(device)
         if model.cnn_ is not None:
             model.cnn_.eval()
     vocabulary = None

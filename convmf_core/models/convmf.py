@@ -88,7 +88,6 @@ class ConvMF(ALSFactorModel):
                                 "vocabulary")
         self.vocabulary_size_ = n_words
         device = resolve_device(self.device)
-        self._device = device
         if warm_start is not None:
             warm_start.check_shapes(train.n_users, train.n_items, self.als.n_factors)
             self.encoder_ = self._warm_encoder(warm_start, documents, n_words, device)
@@ -163,9 +162,6 @@ class ConvMF(ALSFactorModel):
         return encoder
 
     # ----- hooks -------------------------------------------------------------------------------------------
-    def _text_items(self) -> np.ndarray:
-        return np.flatnonzero(self.item_has_text_.numpy())
-
     def _init_prior(self, n_items: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
         # CNN: the untrained network's output, as the authors' code starts V; linear: the map starts at 0
         return self.encoder_.prior().to(device)
@@ -174,7 +170,7 @@ class ConvMF(ALSFactorModel):
         return isinstance(self.encoder_, CNNEncoder)  # the linear map starts at 0: V = 0 would be a saddle point
 
     def _prior_mask(self) -> torch.Tensor:
-        return self.item_has_text_.to(self._device)
+        return self.item_has_text_.to(self.encoder_.device)
 
     def _warmup_iterations(self) -> int:
         return self.config.warmup_iterations
