@@ -258,11 +258,7 @@ def config_params(config: ConvMFConfig) -> dict[str, Any]:
 
 def coverage_summary(coverage: dict[str, Any]) -> str:
     """One line on how many vocabulary words had a pretrained vector (:meth:`VectorCoverage.summary`)."""
-    try:
-        return VectorCoverage(**{**coverage, "oov_examples": tuple(coverage.get("oov_examples", ()))}).summary()
-    except TypeError:  # a ready matrix given to fit(): only the counts
-        return (f"{coverage.get('source', 'word vectors')} cover {coverage.get('found')} of "
-                f"{coverage.get('n_words')} words")
+    return VectorCoverage(**{**coverage, "oov_examples": tuple(coverage.get("oov_examples", ()))}).summary()
 
 
 def samples_megabytes(model: ConvMF) -> float:

@@ -217,6 +217,20 @@ def test_the_cnn_reports_its_heldout_r2_too(catalogue, split, tiny_cnn) -> None:
     assert set(plain.prior_report_) == {"prior_heldout_r2"}
 
 
+
+def test_a_ready_word_vector_matrix_is_used_and_its_coverage_reported(catalogue, split) -> None:
+    """fit(word_vectors=matrix): the linear encoder's document vectors come from it, and its coverage counts the
+    rows it gives a vector (row 0 is padding)."""
+    n = len(catalogue.vocabulary)
+    matrix = np.random.default_rng(0).normal(size=(n + 1, 6)).astype(np.float32)
+    matrix[0], matrix[1:4] = 0.0, 0.0  # three words without a vector
+    model = ConvMF(ConvMFConfig(als=replace(FAST_ALS, max_iterations=2), device="cpu")).fit(
+        split.train, split.validation, documents=catalogue.documents, vocabulary_size=n, word_vectors=matrix)
+    coverage = model.vector_coverage_
+    assert (coverage["n_words"], coverage["found"], coverage["oov"]) == (n, n - 3, 3)
+    assert model.encoder_.features.word_matrix.shape == (n + 1, 6)
+
+
 # ----- the default settings on a tiny catalogue ------------------------------------------------------------------
 
 

@@ -106,8 +106,13 @@ class ConvMF(ALSFactorModel):
             matrix = np.asarray(word_vectors, dtype=np.float32)
             if matrix.shape[0] != n_words + 1:
                 raise ModelFitError(f"word_vectors have {matrix.shape[0]} rows, the vocabulary needs {n_words + 1}")
-            found = np.abs(matrix).sum(1) > 0
-            self.vector_coverage_ = {"source": "given matrix", "n_words": n_words, "found": int(found[1:].sum())}
+            found = np.abs(matrix).sum(1) > 0  # rows left at zero have no vector
+            n_found = int(found[1:].sum())
+            from convmf_core.vectors import VectorCoverage
+
+            self.vector_coverage_ = VectorCoverage(n_words, n_found, 0, n_words - n_found,
+                                                   (n_words - n_found) / n_words if n_words else 0.0, (),
+                                                   "a word-vector matrix given to fit()").to_dict()
             return matrix, found
         if self.config.word_vectors is None:
             return None, None
